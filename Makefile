@@ -1,0 +1,29 @@
+# Two commands: `make demo` and `make test`. Both create .venv when it is missing and install kiln into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REPO ?= models
+
+.PHONY: demo test install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the project's requirements change. torch==2.13.0 resolves to the local CPU wheel.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kiln build examples/digits/model.py:DigitsNet --weights examples/digits/digits.safetensors \
+		--data examples/digits/test.npz --repo $(REPO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

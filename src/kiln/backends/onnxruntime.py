@@ -1,0 +1,131 @@
+"""ONNX Runtime: the dynamo exporter with dynamic axes (legacy exporter for TorchScript), ORT sessions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.backends.common import Skip, Subject, check_device, first_line, require_module, torch_dynamic_shapes
+from kiln.errors import KilnError
+from kiln.runner import Runner
+from kiln.signature import FlatModel
+from kiln.spec import TensorSpec
+
+NAME = "onnxruntime"
+FILE = "model.onnx"
+# Beyond this the protobuf limit (2 GiB) is near: keep weights in an external data file.
+_EXTERNAL_BYTES = 1 << 30
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+    "tensor(int16)": "int16", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise Skip("onnxruntime is not installed (pip install onnxruntime)") from None
+    return onnxruntime
+
+
+def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
+    _ort()
+    out = directory / FILE
+    names_in = [s.name for s in subject.inputs]
+    names_out = [s.name for s in subject.outputs]
+    if subject.source.kind == "onnx":
+        import onnx
+
+        model = onnx.load(str(subject.source.path))
+        onnx.save(model, str(out), save_as_external_data=model.ByteSize() > _EXTERNAL_BYTES)
+        return {"file": FILE, "exporter": "source"}
+    module = require_module(subject, NAME)
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_BYTES
+    quiet = io.StringIO()
+    if isinstance(module, torch.jit.ScriptModule):
+        # The dynamo exporter cannot read TorchScript; the legacy (TorchScript-based) exporter can.
+        axes = {s.name: dict(s.dynamic_dims) for s in subject.inputs + subject.outputs if s.dynamic_dims}
+        try:
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                torch.onnx.export(module, tuple(subject.examples), str(out), dynamo=False, input_names=names_in,
+                                  output_names=names_out, dynamic_axes=axes)
+        except Exception as e:
+            raise KilnError(f"ONNX export (legacy exporter) failed: {type(e).__name__}: {first_line(e)}",
+                            hint="see the torch.onnx docs for unsupported operators") from None
+        return {"file": FILE, "exporter": "legacy"}
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            torch.onnx.export(FlatModel(module).eval(), tuple(subject.examples), str(out), dynamo=True,
+                              dynamic_shapes=torch_dynamic_shapes(subject.inputs), input_names=names_in,
+                              output_names=names_out, external_data=big, optimize=True)
+    except Exception as e:
+        text = f"{type(e).__name__} {e}"
+        if "data-dependent" in text or "GuardOnDataDependentSymNode" in text or "data dependent" in text:
+            raise KilnError("ONNX export hit data-dependent control flow (an `if` on tensor values)",
+                            hint="rewrite the branch with torch.cond, or rely on the torchscript/compile variants") from None
+        raise KilnError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}",
+                        hint="see the torch.onnx docs for unsupported operators") from None
+    return {"file": FILE, "exporter": "dynamo"}
+
+
+
+def session(path: Path, *, device: str = "cpu", threads: int = 0) -> Any:
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise Skip("onnxruntime here has no CUDA provider (pip install onnxruntime-gpu)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:
+        raise KilnError(f"onnxruntime cannot load {path}: {first_line(e)}",
+                        hint="the file is corrupt or uses operators this onnxruntime lacks") from None
+
+
+def signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output TensorSpecs read from an ONNX graph (dim_params become named dynamic dims)."""
+    sess = session(path)
+
+    def specs(args: Any) -> list[TensorSpec]:
+        out = []
+        for a in args:
+            if a.type not in _ORT_TYPES:
+                raise KilnError(f"ONNX tensor {a.name!r} has type {a.type}, which kiln does not handle", hint="use a float or integer tensor")
+            shape = tuple(d if isinstance(d, int) else (d if isinstance(d, str) and d.isidentifier() else f"{a.name}_dim{i}")
+                          for i, d in enumerate(a.shape))
+            out.append(TensorSpec(a.name, _ORT_TYPES[a.type], shape))
+        return out
+
+    return specs(sess.get_inputs()), specs(sess.get_outputs())
+
+
+def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
+         *, device: str = "cpu") -> Runner:
+    check_device(device)
+    threads = int(os.environ.get("KILN_ORT_THREADS", "0"))
+    sess = session(directory / meta["file"], device=device, threads=threads)
+    in_names = [i.name for i in sess.get_inputs()]
+    out_names = [o.name for o in outputs]
+    if sorted(in_names) != sorted(s.name for s in inputs):
+        raise KilnError(f"the ONNX file's inputs {in_names} do not match the manifest's", hint="rebuild the model")
+
+    def fn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        feeds = {s.name: x.numpy(force=True) for s, x in zip(inputs, xs)}
+        return [torch.from_numpy(np.asarray(o)) for o in sess.run(out_names, feeds)]
+
+    return Runner(f"{NAME}/fp32", inputs, outputs, fn, device, {"providers": sess.get_providers()})

@@ -1,0 +1,107 @@
+"""TorchScript: trace, with a check for baked-in control flow that falls back to script."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.backends.common import Subject, check_device, flatten_outputs, require_module
+from kiln.errors import KilnError
+from kiln.runner import Runner
+from kiln.signature import FlatModel, example_inputs
+from kiln.source import load_torchscript
+from kiln.spec import TensorSpec
+
+NAME = "torchscript"
+FILE = "model.ts.pt"
+
+
+def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
+    module = require_module(subject, NAME)
+    meta: dict[str, Any] = {"file": FILE}
+    if isinstance(module, torch.jit.ScriptModule):
+        scripted: torch.jit.ScriptModule = module
+        meta["method"] = "source"
+    else:
+        scripted, method, notes = _trace_or_script(module, subject)
+        meta["method"] = method
+        subject.notes.extend(notes)
+    try:
+        scripted = torch.jit.freeze(scripted.eval())
+    except Exception as e:  # freezing is an optimisation; some modules (e.g. with hooks) refuse it
+        subject.notes.append(f"torchscript: not frozen ({type(e).__name__})")
+    torch.jit.save(scripted, str(directory / FILE))
+    return meta
+
+
+def _trace_or_script(module: torch.nn.Module, subject: Subject) -> tuple[torch.jit.ScriptModule, str, list[str]]:
+    """Trace; if the tracer warns or disagrees with eager on other inputs, script instead."""
+    flat = FlatModel(module).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        with torch.no_grad():
+            try:
+                traced = torch.jit.trace(flat, tuple(subject.examples), check_trace=False)
+            except Exception as e:
+                traced, trace_error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    tracer = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    problem = None
+    if traced is None:
+        problem = f"trace failed ({trace_error})"
+    elif tracer:
+        problem = f"tracer warned: {tracer[0]}"
+    else:
+        problem = disagreement(traced, flat, subject.inputs)
+    if problem is None:
+        return traced, "trace", []  # type: ignore[return-value]
+    notes = [f"torchscript: {problem}; the trace may bake in one branch, so kiln used torch.jit.script"]
+    try:
+        scripted = torch.jit.script(module)
+    except Exception as e:
+        raise KilnError(f"{problem}; torch.jit.script also failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                        hint="make forward() scriptable, or rely on the other backends") from None
+    still = disagreement(scripted, flat, subject.inputs)
+    if still:
+        raise KilnError(f"{problem}; the scripted model also disagrees with eager: {still}",
+                        hint="rely on the other backends") from None
+    return scripted, "script", notes
+
+
+def disagreement(candidate: Any, flat: torch.nn.Module, inputs: list[TensorSpec]) -> str | None:
+    """Compare with eager on input sizes and values the export never saw."""
+    for scale, seed in ((1, 11), (2, 12), (3, 13)):
+        xs = example_inputs(inputs, scale=scale, seed=seed)
+        with torch.no_grad():
+            ref = flatten_outputs(flat(*xs))
+            try:
+                got = flatten_outputs(candidate(*xs))
+            except Exception as e:
+                return f"fails on other input sizes ({type(e).__name__})"
+        if len(ref) != len(got):
+            return "returns a different number of outputs"
+        for r, g in zip(ref, got):
+            if r.shape != g.shape:
+                return f"output shape {tuple(g.shape)} differs from eager {tuple(r.shape)}"
+            if r.is_floating_point():
+                tol = 1e-4 * max(float(r.abs().max()), 1.0)
+                if not torch.allclose(r, g, rtol=1e-3, atol=tol, equal_nan=True):
+                    return f"outputs differ from eager by {float((r - g).abs().max()):.3g} on other inputs"
+            elif not torch.equal(r, g):
+                return "integer outputs differ from eager on other inputs"
+    return None
+
+
+def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
+         *, device: str = "cpu") -> Runner:
+    check_device(device)
+    module = load_torchscript(directory / meta["file"], map_location=device)
+
+    def fn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # no_grad, not inference_mode: a TorchScript module warmed in grad mode breaks under inference_mode.
+        with torch.no_grad():
+            return flatten_outputs(module(*(x.to(device, non_blocking=True) for x in xs)))
+
+    return Runner(f"{NAME}/fp32", inputs, outputs, fn, device, {"method": meta.get("method")})

@@ -1,0 +1,164 @@
+"""The `kiln` command: build, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.markup import escape
+
+from kiln import __version__
+from kiln.errors import KilnError
+
+_BUILD_EXAMPLE = """example:
+  kiln build examples/digits/model.py:DigitsNet --weights examples/digits/digits.safetensors \\
+             --input 'image:float32[batch,1,8,8]' --data examples/digits/test.npz --repo models/
+
+SOURCE is file.py:FactoryOrClass or pkg.module:Class (with --weights .pth/.safetensors),
+a TorchScript .pt, a torch.export .pt2, or an .onnx file. Named dims (batch, seq) are dynamic;
+integer inputs take a value range for synthetic data: 'ids:int64[batch,seq]@0..999'."""
+
+_INSPECT_EXAMPLE = """example:
+  kiln inspect models/digits          # latest version
+  kiln inspect models/digits/1 --json"""
+
+
+def _console() -> Console:
+
+    return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Turn a trained PyTorch model into a fast, verified artifact.")
+    p.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build", help="export every variant, verify it against eager, keep the fastest",
+                       description="Export a model through every runtime here, verify each variant against the fp32 "
+                       "eager reference, time the accepted ones and keep the fastest.",
+                       epilog=_BUILD_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("source", help="file.py:attr, pkg.module:attr, model.pt (TorchScript), model.pt2 or model.onnx")
+    b.add_argument("--weights", help="state_dict as .pth/.pt (loaded with weights_only=True) or .safetensors")
+    b.add_argument("--input", action="append", dest="inputs", metavar="SPEC",
+                   help="NAME:DTYPE[DIMS], repeatable, in forward() order (default: kiln.toml beside the model)")
+    b.add_argument("--name", help="model name in the repository (default: kiln.toml's name or the source's)")
+    b.add_argument("--repo", default="models", help="model repository folder (default: models)")
+    b.add_argument("--data", help=".npz with one array per input name and optional 'labels' (default: synthetic inputs)")
+    b.add_argument("--tolerance", type=float, default=1e-3, help="max |variant-ref| / max|ref| per output (default: 1e-3)")
+    b.add_argument("--min-cosine", type=float, default=0.999, help="minimum cosine similarity per output (default: 0.999)")
+    b.add_argument("--batch", default="1,32", help="batch sizes to time, comma-separated (default: 1,32)")
+    b.add_argument("--objective", choices=("latency", "throughput"), default="latency",
+                   help="latency: lowest p50 at the smallest batch; throughput: most items/s at the largest")
+    b.add_argument("--backends", help="comma-separated subset of eager,torchscript,aoti,onnxruntime,compile")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    b.add_argument("--dim-size", action="append", default=[], metavar="DIM=N",
+                   help="size of a non-batch dynamic dim when timing, e.g. seq=128 (repeatable)")
+    b.add_argument("-q", "--quiet", action="store_true", help="print only the table and the result")
+
+    i = sub.add_parser("inspect", help="show a built model: versions, specs, variants",
+                       description="Show a built model's manifest: source, TensorSpecs, every candidate variant.",
+                       epilog=_INSPECT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("path", help="repo/<model> (latest version) or repo/<model>/<version>")
+    i.add_argument("--json", action="store_true", help="print kiln.json as is")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        if args.command == "build":
+            return _build(args)
+        return _inspect(args)
+    except KilnError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KilnError(f"bad {what} {text!r}", hint="give comma-separated integers, e.g. 1,32") from None
+
+
+def _dim_sizes(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        if not k or not v.isdigit():
+            raise KilnError(f"bad --dim-size {item!r}", hint="write DIM=N, e.g. seq=128")
+        out[k] = int(v)
+    return out
+
+
+def _build(args: argparse.Namespace) -> int:
+    from kiln.build import build
+    from kiln.table import variants_table
+    from kiln.verify import Budget
+
+    console = _console()
+    log = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    result = build(
+        args.source, weights=args.weights, inputs=args.inputs, name=args.name, repo=args.repo, data=args.data,
+        budget=Budget(tolerance=args.tolerance, min_cosine=args.min_cosine),
+        batch_sizes=_int_list(args.batch, "--batch"), objective=args.objective,
+        backend_names=args.backends.split(",") if args.backends else None, device=args.device,
+        dim_sizes=_dim_sizes(args.dim_size), log=log,
+    )
+    console.print(f"[bold]{result.name}[/bold]  inputs: {escape(', '.join(map(str, result.inputs)))}  "
+                  f"outputs: {escape(', '.join(map(str, result.outputs)))}")
+    console.print(f"verified against fp32 reference on {result.verification}")
+    console.print(variants_table([c.to_dict() for c in result.candidates], result.batch_sizes, result.selected))
+    for note in result.notes + [n for c in result.candidates for n in c.notes]:
+        console.print(f"[dim]note: {escape(note)}[/dim]", highlight=False)
+    if result.selected is None:
+        print("error: no variant passed verification, nothing was written", file=sys.stderr)
+        print("  hint: look at the reasons above; loosen --tolerance only if the errors are acceptable", file=sys.stderr)
+        return 1
+    console.print(f"selected [bold]{result.selected}[/bold] ({result.objective}) -> {result.path}", highlight=False)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from kiln import repository
+    from kiln.table import variants_table
+
+    vdir, m = repository.resolve(args.path)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    console = _console()
+    others = repository.versions(vdir.parent)
+    console.print(f"[bold]{m['name']}[/bold] version {m['version']} (versions: {', '.join(map(str, others))})  built {m['created']}")
+    src = m["source"]
+    console.print(f"source: {src['text']}  sha256 {src['sha256'][:12]}" + (f"  weights sha256 {src['weights_sha256'][:12]}" if src.get("weights_sha256") else ""), highlight=False)
+    console.print(escape("inputs:  " + ", ".join(_spec(s) for s in m["inputs"])), highlight=False)
+    console.print(escape("outputs: " + ", ".join(_spec(s) for s in m["outputs"])), highlight=False)
+    console.print(escape(f"verified on {m['verification']['data']}; budget {m['verification']['budget']}"), highlight=False)
+    console.print(variants_table(m["candidates"], m["batch_sizes"], m["selected"]))
+    lib = m["libraries"]
+    console.print(f"selected [bold]{m['selected']}[/bold] ({m['objective']}); built with " + ", ".join(f"{k} {v}" for k, v in lib.items())
+                  + f"; device {m['device'].get('device')} ({m['device'].get('cpu')})", highlight=False)
+    sel = repository.candidate(m)
+    console.print(f"artifact: {os.path.join(str(vdir), sel['artifact']['dir'])} ({sel['artifact']['bytes']:,} bytes)", highlight=False)
+    return 0
+
+
+def _spec(d: dict) -> str:  # type: ignore[type-arg]
+    return f"{d['name']}:{d['dtype']}[{','.join(map(str, d['shape']))}]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

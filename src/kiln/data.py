@@ -1,0 +1,95 @@
+"""Verification inputs: the user's .npz (arrays keyed by input name, optional `labels`) or synthetic ones."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.errors import KilnError
+from kiln.runner import check_tensor
+from kiln.spec import TensorSpec, example_sizes, synthetic, to_tensor
+
+LABELS = "labels"
+MAX_ITEMS = 2048
+# Batch sizes for verification: batch 1 first, then odd sizes, so dynamic batching is exercised too.
+_SYNTHETIC_BATCHES = (1, 16, 33, 64, 7, 50, 64, 64)
+
+
+@dataclass
+class VerifyData:
+    batches: list[list[torch.Tensor]]
+    labels: np.ndarray | None
+    description: str
+    items: int
+    from_user: bool = False
+
+
+def batch_dim(inputs: list[TensorSpec]) -> str | None:
+    """The batch dim: the first dim of the first input, when it is dynamic."""
+    if inputs and inputs[0].shape and isinstance(inputs[0].shape[0], str):
+        return inputs[0].shape[0]
+    return None
+
+
+def read_npz(path: Path, inputs: list[TensorSpec]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    if not path.is_file():
+        raise KilnError(f"data file not found: {path}", hint="give an .npz with one array per input name")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise KilnError(f"cannot read {path} as .npz: {e}", hint="save it with numpy.savez(path, image=..., labels=...)") from None
+    missing = [s.name for s in inputs if s.name not in arrays]
+    if missing:
+        raise KilnError(f"{path} lacks arrays {missing} (it has {sorted(arrays)})",
+                        hint="key each array by its input name, e.g. numpy.savez(path, image=x, labels=y)")
+    sizes: dict[str, int] = {}
+    xs = [check_tensor(s, arrays[s.name], sizes).numpy() if s.dtype != "bfloat16" else arrays[s.name] for s in inputs]
+    n = {len(x) for x in xs}
+    if len(n) != 1:
+        raise KilnError(f"arrays in {path} have different lengths {sorted(n)}", hint="one row per item in every array")
+    labels = arrays.get(LABELS)
+    if labels is not None and len(labels) != len(xs[0]):
+        raise KilnError(f"{path}: labels has {len(labels)} rows but inputs have {len(xs[0])}", hint="one label per item")
+    return xs, labels
+
+
+def verification_data(inputs: list[TensorSpec], data: Path | None, *, seed: int = 1234) -> VerifyData:
+    b = batch_dim(inputs)
+    if data is not None:
+        xs, labels = read_npz(data, inputs)
+        if b is None:
+            raise KilnError("--data needs a model with a dynamic batch dim", hint="name the first dim, e.g. image:float32[batch,1,8,8]")
+        n = min(len(xs[0]), MAX_ITEMS)
+        bounds = [0, 1] + list(range(64, n, 64)) + [n] if n > 1 else [0, n]
+        bounds = sorted(set(bounds))
+        batches = [[to_tensor(x[lo:hi], s) for s, x in zip(inputs, xs)] for lo, hi in zip(bounds, bounds[1:])]
+        return VerifyData(batches, labels[:n] if labels is not None else None, f"{data.name} ({n} items)", n, from_user=True)
+    rng = np.random.default_rng(seed)
+    batches = []
+    rounds = _SYNTHETIC_BATCHES if b else (1, 1, 1, 1)
+    for i, size in enumerate(rounds):
+        sizes = example_sizes(inputs, scale=i)
+        if b:
+            sizes[b] = size
+        batches.append([to_tensor(synthetic(s, sizes, rng), s) for s in inputs])
+    items = sum(len(x[0]) for x in batches) if b else len(batches)
+    return VerifyData(batches, None, f"synthetic inputs ({items} items)", items)
+
+
+def timing_inputs(inputs: list[TensorSpec], batch: int, verify: VerifyData, dim_sizes: dict[str, int]) -> list[torch.Tensor]:
+    """Inputs of `batch` rows for timing: the user's data (tiled) when it fits, else synthetic."""
+    b = batch_dim(inputs)
+    if b and verify.from_user and not any(s.dynamic_dims.keys() - {0} for s in inputs):
+        cat = [torch.cat([x[k] for x in verify.batches]) for k in range(len(inputs))]
+        reps = -(-batch // len(cat[0]))
+        return [c.repeat(reps, *([1] * (c.dim() - 1)))[:batch].contiguous() for c in cat]
+    sizes = {**example_sizes(inputs), **dim_sizes}
+    if b:
+        sizes[b] = batch
+    rng = np.random.default_rng(7)
+    return [to_tensor(synthetic(s, sizes, rng), s) for s in inputs]

@@ -1,0 +1,144 @@
+"""Model repository: repo/<model>/<version>/{kiln.json, variants/<variant>/...}. Build writes, serve loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kiln import backends
+from kiln.errors import KilnError
+from kiln.runner import Runner
+from kiln.source import sha256_file
+from kiln.spec import TensorSpec
+
+MANIFEST = "kiln.json"
+FORMAT = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise KilnError(f"invalid model name {name!r}", hint="use letters, digits, '_', '-' and '.'")
+    return name
+
+
+def variant_dir(variant: str) -> str:
+    return variant.replace("/", "-").replace("+", "_")
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+
+
+def new_version_dir(repo: Path, name: str) -> tuple[int, Path]:
+    """Reserve the next version number atomically (mkdir fails if a concurrent build took it)."""
+    model_dir = repo / check_name(name)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+    v = max(taken, default=0) + 1
+    while True:
+        try:
+            (model_dir / str(v)).mkdir()
+            return v, model_dir / str(v)
+        except FileExistsError:
+            v += 1
+
+
+def hash_dir(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def add_artifact(version_dir: Path, variant: str, staged: Path) -> dict[str, Any]:
+    """Move a staged artifact folder into the version and describe its files by sha256."""
+    dest = version_dir / "variants" / variant_dir(variant)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(staged, dest)
+    files = hash_dir(dest)
+    return {"dir": str(dest.relative_to(version_dir)), "files": files,
+            "bytes": sum((dest / f).stat().st_size for f in files)}
+
+
+def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = version_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, version_dir / MANIFEST)
+
+
+def resolve(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """`repo/<model>` (latest version) or `repo/<model>/<version>` -> (version dir, manifest)."""
+    p = Path(path)
+    if not p.exists():
+        raise KilnError(f"no model at {p}", hint="build one with `kiln build ... --repo DIR`, then give DIR/<name>")
+    if not (p / MANIFEST).is_file():
+        vs = versions(p)
+        if not vs:
+            raise KilnError(f"{p} holds no built version (no {MANIFEST})", hint="give repo/<model> or repo/<model>/<version>")
+        p = p / str(vs[-1])
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KilnError(f"cannot read {p / MANIFEST}: {e}", hint="the manifest is corrupt; rebuild the model") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KilnError(f"{p / MANIFEST} has format {manifest.get('format') if isinstance(manifest, dict) else '?'}, "
+                        f"this kiln reads format {FORMAT}", hint="rebuild the model with this version of kiln")
+    return p, manifest
+
+
+def candidate(manifest: dict[str, Any], variant: str | None = None) -> dict[str, Any]:
+    want = variant or manifest.get("selected")
+    for c in manifest.get("candidates", []):
+        if c["variant"] == want:
+            if c.get("status") != "accepted":
+                raise KilnError(f"variant {want} was {c.get('status')} at build time: {c.get('reason', '')}",
+                                hint="pick an accepted variant (kiln inspect lists them)")
+            return c
+    accepted = [c["variant"] for c in manifest.get("candidates", []) if c.get("status") == "accepted"]
+    raise KilnError(f"no variant {want!r} in this model", hint=f"accepted variants: {', '.join(accepted)}")
+
+
+def verify_artifact(version_dir: Path, entry: dict[str, Any]) -> Path:
+    """Refuse an artifact whose files were changed, removed or added since the build."""
+    art = entry["artifact"]
+    directory = version_dir / art["dir"]
+    expected: dict[str, str] = art["files"]
+    for name, digest in expected.items():
+        f = directory / name
+        if not f.is_file():
+            raise KilnError(f"artifact file missing: {f}", hint="the model folder is incomplete; copy it again or rebuild")
+        if sha256_file(f) != digest:
+            raise KilnError(f"artifact {f} does not match its sha256 in {MANIFEST}: it was modified after the build",
+                            hint="restore the original file or rebuild the model; kiln will not load a tampered artifact")
+    extra = sorted(set(hash_dir(directory)) - set(expected))
+    if extra:
+        raise KilnError(f"unexpected files in artifact {directory}: {', '.join(extra)}",
+                        hint="remove them or rebuild the model")
+    return directory
+
+
+def load(path: str | Path, *, device: str = "cpu", variant: str | None = None) -> Runner:
+    """Load the selected (or named) variant of a built model, after checking its integrity.
+
+    >>> runner = kiln.load("models/digits", device="cpu")
+    """
+    version_dir, manifest = resolve(path)
+    entry = candidate(manifest, variant)
+    directory = verify_artifact(version_dir, entry)
+    backend = backends.get(entry["backend"])
+    meta = entry["artifact"]["meta"]
+    compat = getattr(backend, "compatible", None)
+    reason = compat(meta) if compat else None
+    if reason:
+        raise KilnError(f"cannot load {entry['variant']} from {version_dir}: {reason}",
+                        hint="rebuild the model with the libraries installed here, or install the versions it was built with")
+    inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
+    outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
+    runner: Runner = backend.load(directory, meta, inputs, outputs, device=device)
+    runner.variant = entry["variant"]
+    runner.info.update(model=manifest["name"], version=manifest["version"])
+    return runner

@@ -1,0 +1,228 @@
+"""ModelSource: where a model comes from, and loading it without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError
+
+SourceKind = Literal["python", "torchscript", "exported", "onnx"]
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_SAVE_HINT = "save weights with torch.save(model.state_dict(), 'model.pth') or safetensors.torch.save_model(model, 'model.safetensors')"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelSource:
+    """A parsed SOURCE argument: `file.py:attr`, `pkg.module:attr`, `.pt` (TorchScript), `.pt2`, `.onnx`.
+
+    >>> src = ModelSource.parse("examples/digits/model.py:DigitsNet", weights="digits.safetensors")
+    """
+
+    kind: SourceKind
+    text: str
+    path: Path | None = None
+    module: str | None = None
+    attr: str | None = None
+    weights: Path | None = None
+    sha256: str = ""
+    weights_sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str, *, weights: str | Path | None = None) -> ModelSource:
+        w = Path(weights) if weights is not None else None
+        if w is not None:
+            if not w.is_file():
+                raise KilnError(f"weights file not found: {w}", hint="check the --weights path")
+            if w.suffix not in _WEIGHT_SUFFIXES:
+                raise KilnError(
+                    f"unknown weights format {w.suffix!r}: {w}",
+                    hint="give a state_dict saved as .pth/.pt or a .safetensors file",
+                )
+        if ":" in text and not Path(text).exists():
+            left, attr = text.rsplit(":", 1)
+            if not attr.isidentifier():
+                raise KilnError(f"bad attribute {attr!r} in {text!r}", hint="write file.py:FactoryOrClass")
+            if left.endswith(".py"):
+                p = Path(left)
+                if not p.is_file():
+                    raise KilnError(f"model file not found: {p}", hint="check the path before ':'")
+                return cls("python", text, path=p.resolve(), attr=attr, weights=w,
+                           sha256=sha256_file(p), weights_sha256=sha256_file(w) if w else None)
+            return cls("python", text, module=left, attr=attr, weights=w,
+                       weights_sha256=sha256_file(w) if w else None)
+        p = Path(text)
+        if not p.exists():
+            raise KilnError(f"model file not found: {p}", hint="give file.py:Factory, pkg.module:Class, or a .pt/.pt2/.onnx file")
+        if w is not None:
+            raise KilnError(f"--weights is only for Python sources, not {p.suffix} files",
+                            hint="a TorchScript, .pt2 or .onnx file already holds its weights")
+        kinds: dict[str, SourceKind] = {".pt": "torchscript", ".pth": "torchscript", ".pt2": "exported", ".onnx": "onnx"}
+        if p.suffix not in kinds:
+            raise KilnError(
+                f"unknown model file type {p.suffix!r}: {p}",
+                hint="kiln reads file.py:Factory with --weights, TorchScript .pt, torch.export .pt2, or .onnx",
+            )
+        return cls(kinds[p.suffix], text, path=p.resolve(), sha256=sha256_file(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "text": self.text, "path": str(self.path) if self.path else None,
+            "module": self.module, "attr": self.attr, "sha256": self.sha256,
+            "weights": str(self.weights.resolve()) if self.weights else None,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+def load_module(src: ModelSource) -> nn.Module:
+    """Instantiate the model in eval mode with its weights. ONNX sources have no torch module."""
+    if src.kind == "python":
+        obj = _import_attr(src)
+        try:
+            model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+        except Exception as e:  # a user's factory can raise anything
+            raise KilnError(
+                f"calling {src.attr}() from {src.text} raised {type(e).__name__}: {e}",
+                hint="the factory or class must build the model with no arguments; wrap it in a function if it needs some",
+            ) from None
+        if not isinstance(model, nn.Module):
+            raise KilnError(f"{src.text} gave a {type(model).__name__}, not a torch.nn.Module",
+                            hint="point at a class or factory function that returns an nn.Module")
+        if src.weights is not None:
+            load_weights(model, src.weights)
+        else:
+            src.notes.append("no --weights given: the model keeps the weights its factory created")
+    elif src.kind == "torchscript":
+        model = load_torchscript(src.path)  # type: ignore[arg-type]
+    elif src.kind == "exported":
+        model = load_exported(src.path).module()  # type: ignore[arg-type]
+    else:
+        raise KilnError("an ONNX source has no PyTorch module", hint="only the onnxruntime backend runs it")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _import_attr(src: ModelSource) -> Any:
+    if src.path is not None:
+        name = f"kiln_user_{hashlib.sha1(str(src.path).encode()).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_file_location(name, src.path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        # Let the model file import its sibling modules, as it would when run as a script.
+        sys.path.insert(0, str(src.path.parent))
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise KilnError(f"importing {src.path} raised {type(e).__name__}: {e}",
+                            hint="run `python FILE` to see the full error") from None
+        finally:
+            sys.path.remove(str(src.path.parent))
+    else:
+        try:
+            mod = importlib.import_module(src.module)  # type: ignore[arg-type]
+        except ImportError as e:
+            raise KilnError(f"cannot import module {src.module!r}: {e}",
+                            hint="install the package or use path/to/file.py:Factory") from None
+    if not hasattr(mod, src.attr):  # type: ignore[arg-type]
+        public = sorted(n for n in vars(mod) if not n.startswith("_") and isinstance(getattr(mod, n), type) or callable(getattr(mod, n, None)))
+        raise KilnError(f"{src.path or src.module} has no attribute {src.attr!r}",
+                        hint=f"available: {', '.join(n for n in public if not n.startswith('_'))[:300]}")
+    return getattr(mod, src.attr)  # type: ignore[arg-type]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from .safetensors or a weights-only torch pickle; never unpickle objects."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise KilnError(f"cannot read safetensors file {path}: {e}", hint="the file is corrupt or not safetensors") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise KilnError(
+                f"{path} holds a pickled Python object (likely a whole nn.Module), which kiln refuses to unpickle",
+                hint=_SAVE_HINT,
+            ) from None
+        raise KilnError(f"cannot read weights file {path}: {e}", hint=_SAVE_HINT) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise KilnError(f"cannot read weights file {path}: {e}", hint="the file is corrupt or truncated; " + _SAVE_HINT) from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise KilnError(f"{path} does not hold a state_dict (a dict of tensors)", hint=_SAVE_HINT)
+    return obj
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a state_dict into `model`, listing every missing, unexpected and mis-shaped key at once."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if shapes:
+            lines.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
+        raise KilnError(f"weights {path} do not fit the model:\n    " + "\n    ".join(lines),
+                        hint="check that the weights were saved from this model class and configuration")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_torchscript(path: Path, map_location: str = "cpu") -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.load(str(path), map_location=map_location)
+    except RuntimeError as e:
+        # A torch.save() pickle is a zip too: tell a state_dict apart from a pickled module.
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise KilnError(f"{path} is a pickled nn.Module, not TorchScript; kiln refuses to unpickle it",
+                            hint="save it with torch.jit.save(torch.jit.script(model), ...) or give the code as file.py:Class with --weights") from None
+        except Exception:
+            raise KilnError(f"cannot load TorchScript file {path}: {str(e).splitlines()[0]}",
+                            hint="the file is corrupt, or not a TorchScript archive") from None
+        raise KilnError(f"{path} is a state_dict, not a model",
+                        hint=f"pass the model's code as SOURCE (file.py:Class) and this file as --weights {path}") from None
+
+
+def load_exported(path: Path) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # torch.export.load raises many types on corrupt archives
+        raise KilnError(f"cannot load torch.export program {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                        hint="save it with torch.export.save(torch.export.export(model, args), 'model.pt2')") from None

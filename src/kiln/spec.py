@@ -1,0 +1,169 @@
+"""TensorSpec: the name, dtype and shape (with named dynamic dims) of one model input or output."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.errors import KilnError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_TORCH_TO_NAME = {v: k for k, v in DTYPES.items()}
+_SPEC_RE = re.compile(
+    r"^(?P<name>[A-Za-z_][\w.\-]*):(?P<dtype>\w+)\[(?P<dims>[^\]]*)\](?:@(?P<lo>-?\d+)\.\.(?P<hi>-?\d+))?$"
+)
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a model's signature. String dims are dynamic and named (`batch`, `seq`).
+
+    >>> TensorSpec.parse("image:float32[batch,1,8,8]").shape
+    ('batch', 1, 8, 8)
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    # Inclusive value range used to generate synthetic integer inputs (token ids, masks).
+    value_range: tuple[int, int] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise KilnError(
+                f"unknown dtype {self.dtype!r} for tensor {self.name!r}",
+                hint=f"use one of {', '.join(DTYPES)}",
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> TensorSpec:
+        """Parse `NAME:DTYPE[DIM,...]`, optionally followed by `@LOW..HIGH` for integer inputs."""
+        m = _SPEC_RE.match(text.strip())
+        if not m:
+            raise KilnError(
+                f"cannot parse input spec {text!r}",
+                hint="write NAME:DTYPE[DIMS], e.g. image:float32[batch,1,8,8] or ids:int64[batch,seq]@0..999",
+            )
+        dims = tuple(_parse_dim(d, text) for d in m["dims"].split(",") if d.strip()) if m["dims"].strip() else ()
+        rng = (int(m["lo"]), int(m["hi"])) if m["lo"] is not None else None
+        return cls(m["name"], m["dtype"], dims, rng)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def dynamic_dims(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def __str__(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        rng = f"@{self.value_range[0]}..{self.value_range[1]}" if self.value_range else ""
+        return f"{self.name}:{self.dtype}[{dims}]{rng}"
+
+    def concrete_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
+    def matches(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            isinstance(d, str) or d == s for d, s in zip(self.shape, shape)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.value_range is not None:
+            d["range"] = list(self.value_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        try:
+            rng = d.get("range")
+            return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), tuple(rng) if rng else None)  # type: ignore[arg-type]
+        except (KeyError, TypeError) as e:
+            raise KilnError(
+                f"invalid tensor spec {d!r}: {e}",
+                hint='write name = "image", dtype = "float32", shape = ["batch", 1, 8, 8]',
+            ) from None
+
+
+def _parse_dim(d: str, text: str) -> Dim:
+    d = d.strip()
+    if d.lstrip("-").isdigit():
+        n = int(d)
+        if n < 0:
+            raise KilnError(f"negative dimension in {text!r}", hint="name dynamic dims instead, e.g. batch")
+        return n
+    if not re.match(r"^[A-Za-z_]\w*$", d):
+        raise KilnError(f"bad dimension {d!r} in {text!r}", hint="dims are integers or names like batch, seq")
+    return d
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _TORCH_TO_NAME[dtype]
+    except KeyError:
+        raise KilnError(f"unsupported tensor dtype {dtype}", hint=f"kiln handles {', '.join(DTYPES)}") from None
+
+
+def load_toml_specs(path: Path) -> tuple[str | None, list[TensorSpec]]:
+    """Read `kiln.toml` (name and `[[inputs]]` tables) that sits beside a model."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise KilnError(f"cannot read {path}: {e}", hint="fix the TOML syntax") from None
+    inputs = [TensorSpec.from_dict(t) for t in doc.get("inputs", [])]
+    name = doc.get("name")
+    return (str(name) if name else None), inputs
+
+
+# Sizes used for dynamic dims when kiln makes example inputs: distinct, >= 2 (so torch.export
+# keeps them dynamic instead of specialising on 0/1), and not equal to any typical static dim.
+EXAMPLE_SIZES = (3, 7, 5, 11, 13)
+
+
+def example_sizes(specs: list[TensorSpec], *, scale: int = 0) -> dict[str, int]:
+    """One size per distinct dynamic dim name; `scale` picks another set for variety."""
+    names: list[str] = []
+    for s in specs:
+        for d in s.dynamic_dims.values():
+            if d not in names:
+                names.append(d)
+    return {n: EXAMPLE_SIZES[(i + scale) % len(EXAMPLE_SIZES)] for i, n in enumerate(names)}
+
+
+def synthetic(spec: TensorSpec, sizes: dict[str, int], rng: np.random.Generator) -> np.ndarray:
+    """A random array for `spec`: standard normal for floats, uniform in the value range for ints."""
+    shape = spec.concrete_shape(sizes)
+    if spec.dtype == "bool":
+        return rng.random(shape) < 0.5
+    if spec.torch_dtype.is_floating_point:
+        a = rng.standard_normal(shape).astype(np.float32)
+        return a if spec.dtype in ("float32", "bfloat16") else a.astype(spec.dtype)
+    lo, hi = spec.value_range or (0, 1)
+    return rng.integers(lo, hi + 1, size=shape).astype(spec.dtype)
+
+
+def to_tensor(a: Any, spec: TensorSpec) -> torch.Tensor:
+    """numpy/tensor -> tensor of the spec's dtype (bfloat16 has no numpy dtype: arrive as float32)."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(spec.torch_dtype) if t.dtype != spec.torch_dtype else t

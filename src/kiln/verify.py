@@ -1,0 +1,80 @@
+"""Verification: every variant against the fp32 eager reference, per output, inside a budget."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.signature import is_classifier
+from kiln.spec import TensorSpec
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How far a variant may stray from the reference. `tolerance` bounds max|a-b| / max|ref|."""
+
+    tolerance: float = 1e-3
+    min_cosine: float = 0.999
+    min_top1_agreement: float = 0.99
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    cosine: float
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    nonfinite: int = 0
+
+
+def compare(outputs: list[TensorSpec], reference: list[list[np.ndarray]], got: list[list[np.ndarray]],
+            labels: np.ndarray | None = None) -> list[OutputCheck]:
+    """`reference[b][k]` is output k of batch b; batches are concatenated before measuring."""
+    checks = []
+    for k, spec in enumerate(outputs):
+        r = np.concatenate([b[k] for b in reference]).astype(np.float64)
+        g = np.concatenate([b[k] for b in got]).astype(np.float64)
+        if r.shape != g.shape:
+            checks.append(OutputCheck(spec.name, float("inf"), float("inf"), 0.0, nonfinite=0))
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(g) & np.isfinite(r)))
+        both = np.isfinite(g) & np.isfinite(r)
+        diff = np.abs(r - g)[both]
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(r[both]).max()) if diff.size else 0.0
+        rf, gf = np.where(both, r, 0).ravel(), np.where(both, g, 0).ravel()
+        denom = float(np.linalg.norm(rf) * np.linalg.norm(gf))
+        cosine = float(rf @ gf / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+        check = OutputCheck(spec.name, max_abs, max_abs / scale if scale > 0 else max_abs, cosine, nonfinite=bad)
+        if is_classifier(spec):
+            top_r, top_g = r.argmax(1), g.argmax(1)
+            check.top1_agreement = float((top_r == top_g).mean())
+            if labels is not None and k == 0 and len(labels) == len(top_g):
+                check.accuracy = float((top_g == labels).mean())
+                check.reference_accuracy = float((top_r == labels).mean())
+        checks.append(check)
+    return checks
+
+
+def judge(checks: list[OutputCheck], budget: Budget) -> list[str]:
+    """Every way the variant breaks the budget; empty when accepted."""
+    problems = []
+    for c in checks:
+        if c.nonfinite:
+            problems.append(f"{c.name}: {c.nonfinite} NaN/inf values where the reference is finite")
+        if not c.max_rel_err <= budget.tolerance:
+            problems.append(f"{c.name}: relative error {c.max_rel_err:.2e} > tolerance {budget.tolerance:.0e}")
+        if not c.cosine >= budget.min_cosine:
+            problems.append(f"{c.name}: cosine {c.cosine:.5f} < {budget.min_cosine}")
+        if c.top1_agreement is not None and c.top1_agreement < budget.min_top1_agreement:
+            problems.append(f"{c.name}: top-1 agreement {c.top1_agreement:.3f} < {budget.min_top1_agreement}")
+    return problems
+
+
+def to_dict(checks: list[OutputCheck]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in asdict(c).items() if v is not None} for c in checks]
