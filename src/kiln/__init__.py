@@ -1,34 +1,18 @@
-"""kiln: turn a trained PyTorch model into a fast, verified artifact, and serve it."""
+"""kiln: turn a trained PyTorch model into a fast, verified artifact, and serve it.
+
+>>> result = kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors")
+>>> runner = kiln.load("models/digits")
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:
-    from kiln.build import BuildResult
-    from kiln.runner import Runner
+# Imported eagerly so that the functions, not the submodules of the same name, are kiln.build / kiln.load.
+from kiln.build import BuildResult, build  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
+from kiln.repository import load  # noqa: E402
+from kiln.runner import Runner  # noqa: E402
+from kiln.spec import TensorSpec  # noqa: E402
 
-
-def build(source: str, **kwargs: Any) -> BuildResult:
-    """Build, verify and select variants of a model; see `kiln.build.build`.
-
-    >>> kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors")
-    """
-    from kiln.build import build as _build
-
-    return _build(source, **kwargs)
-
-
-def load(path: str, *, device: str = "cpu", variant: str | None = None) -> Runner:
-    """Load the selected variant of repo/<model>[/<version>] as a Runner.
-
-    >>> runner = kiln.load("models/digits"); logits = runner(images)
-    """
-    from kiln.repository import load as _load
-
-    return _load(path, device=device, variant=variant)
-
-
-__all__ = ["__version__", "build", "load"]
+__all__ = ["BuildResult", "KilnError", "Runner", "TensorSpec", "__version__", "build", "load"]

@@ -109,7 +109,8 @@ def _build(args: argparse.Namespace) -> int:
     from kiln.verify import Budget
 
     console = _console()
-    log = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    err = sys.stderr  # bound now: the build silences sys.stderr while exporters chatter
+    log = None if args.quiet else (lambda msg: print(f"  {msg}", file=err, flush=True))
     result = build(
         args.source, weights=args.weights, inputs=args.inputs, name=args.name, repo=args.repo, data=args.data,
         budget=Budget(tolerance=args.tolerance, min_cosine=args.min_cosine),

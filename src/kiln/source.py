@@ -114,7 +114,7 @@ def load_module(src: ModelSource) -> nn.Module:
     elif src.kind == "torchscript":
         model = load_torchscript(src.path)  # type: ignore[arg-type]
     elif src.kind == "exported":
-        model = load_exported(src.path).module()  # type: ignore[arg-type]
+        model = ExportedModule(load_exported(src.path).module())  # type: ignore[arg-type]
     else:
         raise KilnError("an ONNX source has no PyTorch module", hint="only the onnxruntime backend runs it")
     model.eval()
@@ -218,6 +218,20 @@ def load_torchscript(path: Path, map_location: str = "cpu") -> torch.jit.ScriptM
                             hint="the file is corrupt, or not a TorchScript archive") from None
         raise KilnError(f"{path} is a state_dict, not a model",
                         hint=f"pass the model's code as SOURCE (file.py:Class) and this file as --weights {path}") from None
+
+
+class ExportedModule(nn.Module):
+    """An ExportedProgram's module, which raises on .eval(): its train/eval mode was fixed at export."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        return self
+
+    def forward(self, *args: Any) -> Any:
+        return self.graph(*args)
 
 
 def load_exported(path: Path) -> torch.export.ExportedProgram:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import Subject, check_device, flatten_outputs, require_module
+from kiln.backends.common import Subject, check_device, first_line, flatten_outputs, require_module
 from kiln.errors import KilnError
 from kiln.runner import Runner
 from kiln.signature import FlatModel, example_inputs
@@ -38,41 +38,46 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
 
 
 def _trace_or_script(module: torch.nn.Module, subject: Subject) -> tuple[torch.jit.ScriptModule, str, list[str]]:
-    """Trace; if the tracer warns or disagrees with eager on other inputs, script instead."""
+    """Trace; if the tracer warns or disagrees with eager on other inputs, script instead.
+
+    A warning about converting a tensor to a Python boolean means an `if` on tensor values: such a trace
+    is never used. Other tracer warnings (iterating over a tensor, shapes turned into ints) are kept only
+    if scripting fails and the trace agrees with eager on inputs of other shapes and values.
+    """
     flat = FlatModel(module).eval()
+    trace_error = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
         with torch.no_grad():
             try:
                 traced = torch.jit.trace(flat, tuple(subject.examples), check_trace=False)
             except Exception as e:
-                traced, trace_error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                traced, trace_error = None, first_line(e)
     tracer = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-    problem = None
-    if traced is None:
-        problem = f"trace failed ({trace_error})"
-    elif tracer:
-        problem = f"tracer warned: {tracer[0]}"
-    else:
-        problem = disagreement(traced, flat, subject.inputs)
-    if problem is None:
-        return traced, "trace", []  # type: ignore[return-value]
-    notes = [f"torchscript: {problem}; the trace may bake in one branch, so kiln used torch.jit.script"]
+    control_flow = any("Python boolean" in w for w in tracer)
+    disagrees = disagreement(traced, flat, subject.inputs) if traced is not None else None
+    if traced is not None and not tracer and not disagrees:
+        return traced, "trace", []
+    problem = (f"trace failed ({trace_error})" if traced is None else f"tracer warned: {tracer[0]}" if tracer
+               else f"trace disagrees with eager: {disagrees}")
     try:
         scripted = torch.jit.script(module)
     except Exception as e:
-        raise KilnError(f"{problem}; torch.jit.script also failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        if traced is not None and not control_flow and not disagrees:
+            return traced, "trace", [f"torchscript: {problem}; torch.jit.script failed, and the trace agrees with "
+                                     "eager on inputs of other shapes and values, so kiln kept the trace"]
+        raise KilnError(f"{problem}; torch.jit.script also failed: {first_line(e)}",
                         hint="make forward() scriptable, or rely on the other backends") from None
     still = disagreement(scripted, flat, subject.inputs)
     if still:
         raise KilnError(f"{problem}; the scripted model also disagrees with eager: {still}",
                         hint="rely on the other backends") from None
-    return scripted, "script", notes
+    return scripted, "script", [f"torchscript: {problem}; the trace may bake in one branch, so kiln used torch.jit.script"]
 
 
 def disagreement(candidate: Any, flat: torch.nn.Module, inputs: list[TensorSpec]) -> str | None:
     """Compare with eager on input sizes and values the export never saw."""
-    for scale, seed in ((1, 11), (2, 12), (3, 13)):
+    for scale, seed in ((1, 11), (2, 12), (3, 13), (4, 14), (0, 15), (1, 16)):
         xs = example_inputs(inputs, scale=scale, seed=seed)
         with torch.no_grad():
             ref = flatten_outputs(flat(*xs))

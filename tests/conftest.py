@@ -1,0 +1,47 @@
+"""Session fixtures: the zoo's weights on disk, and each zoo model built once (AOTInductor is slow)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_model
+
+import kiln
+
+sys.path.insert(0, str(Path(__file__).parent))
+import zoo  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = Path(zoo.__file__).resolve()
+os.environ.setdefault("KILN_ORT_THREADS", "1")  # two cores, and pytest is not alone on them
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("weights")
+    for name in zoo.SPECS:
+        save_model(zoo.seeded(getattr(zoo, name)), str(d / f"{name}.safetensors"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def session_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("repo")
+
+
+@pytest.fixture(scope="session")
+def built(weights_dir: Path, session_repo: Path) -> Callable[[str], kiln.BuildResult]:
+    """built("MLP") -> the BuildResult of that zoo model with every backend, built once per session."""
+    cache: dict[str, kiln.BuildResult] = {}
+
+    def get(name: str) -> kiln.BuildResult:
+        if name not in cache:
+            cache[name] = kiln.build(f"{ZOO}:{name}", weights=weights_dir / f"{name}.safetensors",
+                                     inputs=zoo.SPECS[name], repo=session_repo, batch_sizes=(1, 8))
+        return cache[name]
+
+    return get

@@ -1,0 +1,103 @@
+"""Round trips: every backend exports each zoo model, the artifact is loaded back from the repository
+and must reproduce eager on inputs (sizes and values) it never saw."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+import zoo
+from kiln.backends import ORDER
+from kiln.signature import example_inputs
+from kiln.spec import TensorSpec
+
+ROUND_TRIP = ["MLP", "ConvBN", "Encoder", "TwoInTwoOut"]
+
+
+def fresh_inputs(result: kiln.BuildResult, batch: int, seed: int) -> list[torch.Tensor]:
+    xs = example_inputs(result.inputs, scale=3, seed=seed)
+    return [x[:batch] if batch <= len(x) else x.repeat(-(-batch // len(x)), *[1] * (x.dim() - 1))[:batch] for x in xs]
+
+
+def eager(name: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = zoo.seeded(getattr(zoo, name))(*xs)
+    return list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize("backend", ORDER)
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_round_trip(built: Callable[[str], kiln.BuildResult], name: str, backend: str) -> None:
+    result = built(name)
+    c = result.candidate(f"{backend}/fp32")
+    assert c.status == "accepted", c.reason
+    runner = kiln.load(str(result.path), variant=c.variant)
+    for batch, seed in ((1, 5), (9, 6)):
+        xs = fresh_inputs(result, batch, seed)
+        got = runner(*xs)
+        got = list(got) if isinstance(got, tuple) else [got]
+        for g, r in zip(got, eager(name, xs), strict=True):
+            assert isinstance(g, torch.Tensor) and g.shape == r.shape
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_branch_never_silently_traced(built: Callable[[str], kiln.BuildResult]) -> None:
+    result = built("Branchy")
+    ts = result.candidate("torchscript/fp32")
+    assert ts.status == "accepted" and ts.artifact and ts.artifact["meta"]["method"] == "script"
+    assert any("Python boolean" in n and "torch.jit.script" in n for n in ts.notes)
+    for backend in ("aoti", "onnxruntime"):
+        c = result.candidate(f"{backend}/fp32")
+        assert c.status == "failed" and "data-dependent control flow" in c.reason and "torch.cond" in c.reason
+    runner = kiln.load(str(result.path), variant="torchscript/fp32")
+    for sign in (1.0, -1.0):  # both branches
+        x = torch.full((4, 8), sign)
+        torch.testing.assert_close(runner(x), eager("Branchy", [x])[0])
+
+
+def test_multi_output_names_and_dims(built: Callable[[str], kiln.BuildResult]) -> None:
+    enc = built("Encoder")
+    assert [str(s) for s in enc.outputs] == ["output0:float32[batch,seq,32]", "output1:float32[batch,2]"]
+    two = built("TwoInTwoOut")
+    assert [s.name for s in two.outputs] == ["embedding", "score"]
+    runner = kiln.load(str(two.path))
+    a, b = np.ones((3, 4), np.float32), np.zeros((3, 6), np.float32)
+    by_pos, by_name = runner(a, b), runner.named(b=b, a=a)
+    assert isinstance(by_pos[0], np.ndarray) and by_pos[1].shape == (3, 1)
+    np.testing.assert_array_equal(by_pos[0], by_name["embedding"])
+
+
+def test_runner_rejects_bad_inputs(built: Callable[[str], kiln.BuildResult]) -> None:
+    runner = kiln.load(str(built("TwoInTwoOut").path))
+    a, b = np.ones((3, 4), np.float32), np.zeros((3, 6), np.float32)
+    cases = [
+        ((np.ones((4,), np.float32), b), 'expected input "a" float32[batch,4], got float32[4]', "add a batch dimension"),
+        ((a.astype(np.int64), b), "got int64[3,4]", "astype"),
+        ((a, np.zeros((2, 6), np.float32)), "dim 'batch' is 3", "must agree"),
+        ((a,), "expected 2 inputs", "one array per input"),
+        ((a, np.zeros((3, 5), np.float32)), 'expected input "b" float32[batch,6]', "fix the shape"),
+    ]
+    for args, msg, hint in cases:
+        with pytest.raises(kiln.KilnError) as e:
+            runner(*args)
+        assert msg in e.value.message and hint in (e.value.hint or ""), e.value
+    with pytest.raises(kiln.KilnError, match="unknown \\['c'\\]"):
+        runner(a=a, c=b)
+    # float64 numpy (the numpy default) is accepted for a float32 input
+    assert runner(a.astype(np.float64), b)[0].dtype == np.float32
+
+
+def test_encoder_longer_sequence(built: Callable[[str], kiln.BuildResult]) -> None:
+    """Dynamic seq beyond every size seen at export (still within the model's 64 positions)."""
+    result = built("Encoder")
+    runner = kiln.load(str(result.path), variant="onnxruntime/fp32")
+    ids = torch.randint(0, 100, (2, 60))
+    mask = torch.ones(2, 60, dtype=torch.int64)
+    mask[1, 30:] = 0
+    for g, r in zip(runner(ids, mask), eager("Encoder", [ids, mask])):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert TensorSpec.parse("ids:int64[batch,seq]@0..99") == result.inputs[0]

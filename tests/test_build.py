@@ -1,0 +1,104 @@
+"""Verification decides, selection follows the objective, a wrong artifact is never selected."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+import zoo
+from conftest import ROOT, ZOO
+from kiln.verify import Budget
+
+FAST = ("eager", "torchscript", "onnxruntime")
+
+
+def test_selection_follows_objective(built: Callable[[str], kiln.BuildResult]) -> None:
+    r = built("ConvBN")
+    accepted = [c for c in r.candidates if c.status == "accepted"]
+    assert r.selected == min(accepted, key=lambda c: c.timing(1).p50_ms).variant  # type: ignore[union-attr]
+    for c in accepted:
+        assert [t.batch for t in c.timings] == [1, 8]
+        assert all(t.p50_ms > 0 and t.p50_ms <= t.p90_ms and t.repeats >= 10 for t in c.timings)
+    m = r.manifest
+    assert m["selected"] == r.selected and m["objective"] == "latency"
+
+
+def test_throughput_objective(weights_dir: Path, tmp_path: Path) -> None:
+    r = kiln.build(f"{ZOO}:MLP", weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path,
+                   backend_names=FAST, objective="throughput", batch_sizes=(1, 16))
+    accepted = [c for c in r.candidates if c.status == "accepted"]
+    assert r.selected == max(accepted, key=lambda c: c.timing(16).items_per_s).variant  # type: ignore[union-attr]
+
+
+def test_out_of_budget_variants_are_rejected_with_numbers(weights_dir: Path, tmp_path: Path) -> None:
+    """A zero tolerance rejects every variant that differs by a rounding error; only exact eager survives."""
+    r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
+                   repo=tmp_path, backend_names=FAST, budget=Budget(tolerance=0.0))
+    assert r.selected == "eager/fp32"
+    ort = r.candidate("onnxruntime/fp32")
+    assert ort.status == "rejected" and "relative error" in ort.reason and ort.accuracy[0]["max_rel_err"] > 0
+    assert not (r.path / "variants" / "onnxruntime-fp32").exists()  # type: ignore[operator]
+
+
+def test_nothing_accepted_writes_nothing(weights_dir: Path, tmp_path: Path) -> None:
+    r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
+                   repo=tmp_path, backend_names=("onnxruntime",), budget=Budget(tolerance=0.0))
+    assert r.selected is None and r.path is None and not (tmp_path / "convbn").exists()
+
+
+def test_data_file_labels_and_errors(tmp_path: Path) -> None:
+    digits = ROOT / "examples" / "digits"
+    r = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
+                   repo=tmp_path, backend_names=("eager", "onnxruntime"))
+    assert r.name == "digits" and [str(s) for s in r.inputs] == ["image:float32[batch,1,8,8]"]  # from kiln.toml
+    assert r.verification == "test.npz (450 items)"
+    check = r.candidate("onnxruntime/fp32").accuracy[0]
+    assert check["accuracy"] > 0.97 and check["accuracy"] == pytest.approx(check["reference_accuracy"], abs=0.005)
+    np.savez(tmp_path / "wrong.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
+    with pytest.raises(kiln.KilnError, match=r"lacks arrays \['image'\]"):
+        kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=tmp_path / "wrong.npz",
+                   repo=tmp_path)
+    with pytest.raises(kiln.KilnError, match="no input spec"):
+        kiln.build(f"{ZOO}:MLP", repo=tmp_path)
+
+
+def test_torchscript_source(tmp_path: Path) -> None:
+    torch.jit.save(torch.jit.script(zoo.seeded(zoo.MLP)), str(tmp_path / "mlp.pt"))
+    r = kiln.build(str(tmp_path / "mlp.pt"), inputs=zoo.SPECS["MLP"], repo=tmp_path / "repo")
+    status = {c.variant: c.status for c in r.candidates}
+    assert status["eager/fp32"] == status["torchscript/fp32"] == status["onnxruntime/fp32"] == "accepted"
+    assert r.candidate("onnxruntime/fp32").artifact["meta"]["exporter"] == "legacy"  # type: ignore[index]
+    for v in ("aoti/fp32", "compile/fp32"):
+        assert status[v] == "skipped" and "TorchScript" in r.candidate(v).reason
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(kiln.load(str(r.path), variant="onnxruntime/fp32")(x), zoo.seeded(zoo.MLP)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_exported_program_source(tmp_path: Path) -> None:
+    m = zoo.seeded(zoo.TwoInTwoOut)
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(m, (torch.randn(3, 4), torch.randn(3, 6)), dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(ep, str(tmp_path / "two.pt2"))
+    r = kiln.build(str(tmp_path / "two.pt2"), inputs=zoo.SPECS["TwoInTwoOut"], repo=tmp_path / "repo",
+                   backend_names=("eager", "onnxruntime"))
+    assert r.name == "two" and [s.name for s in r.outputs] == ["embedding", "score"]
+    assert all(c.status == "accepted" for c in r.candidates), [c.reason for c in r.candidates]
+
+
+def test_onnx_source_reads_its_signature(tmp_path: Path) -> None:
+    m = zoo.seeded(zoo.MLP)
+    torch.onnx.export(m, (torch.randn(2, 16),), str(tmp_path / "mlp.onnx"), input_names=["features"],
+                      output_names=["scores"], dynamic_axes={"features": {0: "batch"}, "scores": {0: "batch"}}, dynamo=False)
+    r = kiln.build(str(tmp_path / "mlp.onnx"), repo=tmp_path / "repo")
+    assert [str(s) for s in r.inputs] == ["features:float32[batch,16]"]
+    assert r.selected == "onnxruntime/fp32"
+    for c in r.candidates:
+        if c.backend != "onnxruntime":
+            assert c.status == "skipped" and "runs only on onnxruntime" in c.reason
+    x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
+    np.testing.assert_allclose(kiln.load(str(r.path))(features=x), m(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)

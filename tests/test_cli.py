@@ -1,0 +1,86 @@
+"""End to end: the README's commands, run as a user would, in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kiln
+from conftest import ROOT
+
+
+def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_quick_start_is_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    assert [ln.strip() for ln in quick.strip().splitlines()] == ["make demo", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    repo = tmp_path_factory.mktemp("demo")
+    return run("make", "--no-print-directory", "demo", f"REPO={repo}"), repo
+
+
+def test_make_demo(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    p, repo = demo
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    for col in ("variant", "agreement", "accuracy", "p50 ms @1", "items/s @32"):
+        assert col in out
+    for variant in ("eager/fp32", "torchscript/fp32", "aoti/fp32", "onnxruntime/fp32", "compile/fp32"):
+        assert re.search(rf"{re.escape(variant)}\s.*accepted", out), out
+    m = re.search(r"selected (\S+) \(latency\) -> (\S+)", out)
+    assert m and Path(m[2]) == repo / "digits" / "1"
+    runner = kiln.load(m[2])
+    test = np.load(ROOT / "examples" / "digits" / "test.npz")
+    assert runner.variant == m[1]
+    assert (runner(test["image"]).argmax(1) == test["labels"]).mean() > 0.97
+
+
+def test_inspect(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, repo = demo
+    p = run(sys.executable, "-m", "kiln", "inspect", str(repo / "digits"))
+    assert p.returncode == 0, p.stderr
+    assert "digits version 1" in p.stdout and "image:float32[batch,1,8,8]" in p.stdout and "sha256" in p.stdout
+    p = run(sys.executable, "-m", "kiln", "inspect", str(repo / "digits" / "1"), "--json")
+    assert p.returncode == 0 and '"selected"' in p.stdout
+    p = run(sys.executable, "-m", "kiln", "inspect", str(repo / "nothing"))
+    assert p.returncode == 2 and "no model at" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_help_lists_commands_with_examples() -> None:
+    p = run(sys.executable, "-m", "kiln", "--help")
+    assert p.returncode == 0 and "build" in p.stdout and "inspect" in p.stdout
+    for cmd in ("build", "inspect"):
+        p = run(sys.executable, "-m", "kiln", cmd, "--help")
+        assert p.returncode == 0 and "example:" in p.stdout
+
+
+def test_cli_build_options(tmp_path: Path) -> None:
+    """--backends, --batch, --objective, --tolerance, --quiet through the real command line."""
+    env_bin = Path(sys.executable).parent / "kiln"
+    exe = [str(env_bin)] if env_bin.exists() else [sys.executable, "-m", "kiln"]
+    p = subprocess.run([*exe, "build", "tests/zoo.py:MLP", "--input", "x:float32[batch,16]", "--repo", str(tmp_path),
+                        "--backends", "eager,onnxruntime", "--batch", "1,4", "--objective", "throughput",
+                        "--tolerance", "1e-2", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    assert "items/s @4" in p.stdout and "(throughput)" in p.stdout and "synthetic inputs" in p.stdout
+    assert "no --weights given" in p.stdout
+    assert p.stderr == ""  # --quiet
+    p = run(str(exe[0]) if len(exe) == 1 else sys.executable, *([] if len(exe) == 1 else ["-m", "kiln"]), "build",
+            "tests/zoo.py:MLP", "--input", "x:float32[batch,16]", "--batch", "0")
+    assert p.returncode == 2 and "bad batch sizes" in p.stderr

@@ -1,0 +1,101 @@
+"""The model repository: versions, manifest, and refusing what was tampered with or cannot load here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import kiln
+from kiln import repository
+from kiln.source import sha256_file
+
+
+@pytest.fixture
+def copy(built: Callable[[str], kiln.BuildResult], tmp_path: Path) -> Path:
+    """A private copy of the built MLP's version folder, to damage."""
+    src = built("MLP").path
+    assert src is not None
+    dest = tmp_path / "mlp" / "1"
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_manifest_contents(built: Callable[[str], kiln.BuildResult]) -> None:
+    r = built("MLP")
+    m = json.loads((r.path / "kiln.json").read_text())  # type: ignore[operator]
+    assert m["format"] == 1 and m["name"] == "mlp" and m["version"] == r.version
+    assert m["source"]["sha256"] == sha256_file(Path(m["source"]["path"]))
+    assert m["source"]["weights_sha256"] == sha256_file(Path(m["source"]["weights"]))
+    assert m["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}]
+    assert {"torch", "onnxruntime", "numpy", "kiln", "python"} <= m["libraries"].keys()
+    assert m["device"]["device"] == "cpu" and m["device"]["cores"] >= 1
+    assert {c["variant"] for c in m["candidates"]} == {f"{b}/fp32" for b in kiln.build.__globals__["backends"].ORDER}
+    for c in m["candidates"]:
+        assert c["status"] == "accepted" and c["accuracy"] and c["timings"]
+        for name, digest in c["artifact"]["files"].items():
+            assert sha256_file(r.path / c["artifact"]["dir"] / name) == digest  # type: ignore[operator]
+
+
+def test_each_build_adds_a_version(built: Callable[[str], kiln.BuildResult], tmp_path: Path) -> None:
+    r = built("MLP")
+    repo = tmp_path / "repo"
+    for _ in range(2):
+        kiln.build(r.manifest["source"]["text"], weights=r.manifest["source"]["weights"], inputs=["x:float32[batch,16]"],
+                   repo=repo, backend_names=("eager",))
+    assert repository.versions(repo / "mlp") == [1, 2]
+    assert repository.resolve(repo / "mlp")[1]["version"] == 2
+    assert repository.resolve(repo / "mlp" / "1")[1]["version"] == 1
+
+
+def test_tampered_artifact_is_refused(copy: Path) -> None:
+    m = json.loads((copy / "kiln.json").read_text())
+    art = copy / repository.candidate(m)["artifact"]["dir"]
+    f = next(p for p in art.iterdir() if p.is_file())
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(kiln.KilnError, match="modified after the build") as e:
+        kiln.load(str(copy))
+    assert "rebuild" in (e.value.hint or "")
+
+
+def test_missing_and_extra_files_are_refused(copy: Path) -> None:
+    m = json.loads((copy / "kiln.json").read_text())
+    art = copy / repository.candidate(m, "eager/fp32")["artifact"]["dir"]
+    (art / "extra.py").write_text("import os")
+    with pytest.raises(kiln.KilnError, match="unexpected files"):
+        kiln.load(str(copy), variant="eager/fp32")
+    (art / "weights.safetensors").unlink()
+    with pytest.raises(kiln.KilnError, match="artifact file missing"):
+        kiln.load(str(copy), variant="eager/fp32")
+
+
+def test_incompatible_library_version_is_refused(copy: Path) -> None:
+    path = copy / "kiln.json"
+    m = json.loads(path.read_text())
+    for c in m["candidates"]:
+        if c["variant"] == "aoti/fp32":
+            c["artifact"]["meta"]["torch"] = "1.13.1"
+    path.write_text(json.dumps(m))
+    with pytest.raises(kiln.KilnError, match="built with torch 1.13.1"):
+        kiln.load(str(copy), variant="aoti/fp32")
+
+
+def test_bad_paths_and_manifests(copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(kiln.KilnError, match="no model at"):
+        kiln.load(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(kiln.KilnError, match="no built version"):
+        kiln.load(str(tmp_path / "empty"))
+    with pytest.raises(kiln.KilnError, match="no variant 'tensorrt/fp16'"):
+        kiln.load(str(copy), variant="tensorrt/fp16")
+    (copy / "kiln.json").write_text("{not json")
+    with pytest.raises(kiln.KilnError, match="manifest is corrupt|cannot read"):
+        kiln.load(str(copy))
+    (copy / "kiln.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(kiln.KilnError, match="format 99"):
+        kiln.load(str(copy))
