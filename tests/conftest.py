@@ -14,9 +14,7 @@ import kiln
 
 sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-ZOO = Path(zoo.__file__).resolve()
+from support import ZOO  # noqa: E402
 os.environ.setdefault("KILN_ORT_THREADS", "1")  # two cores, and pytest is not alone on them
 
 

@@ -11,7 +11,7 @@ import torch
 
 import kiln
 import zoo
-from conftest import ROOT, ZOO
+from support import ROOT, ZOO
 from kiln.verify import Budget
 
 FAST = ("eager", "torchscript", "onnxruntime")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kiln
-from conftest import ROOT
+from support import ROOT
 
 
 def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file, save_model
 
 import zoo
-from conftest import ZOO
+from support import ZOO
 from kiln.errors import KilnError
 from kiln.source import ModelSource, load_module
 

@@ -14,6 +14,8 @@ SPECS: dict[str, list[str]] = {
     "Encoder": ["ids:int64[batch,seq]@0..99", "mask:int64[batch,seq]@0..1"],
     "TwoInTwoOut": ["a:float32[batch,4]", "b:float32[batch,6]"],
 }
+# Eager-only models for serving tests (their Python-level behaviour cannot be exported).
+SERVE_SPECS: dict[str, list[str]] = {"Poison": ["x:float32[batch,4]"], "Slow": ["x:float32[batch,4]"]}
 
 
 def seeded(cls: type[nn.Module]) -> nn.Module:
@@ -106,3 +108,22 @@ def raising_factory() -> nn.Module:
 
 def not_a_module() -> int:
     return 42
+
+
+class Poison(nn.Module):
+    """Fails on any row holding 13: lets the server tests prove one bad request fails alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x == 13).any()):
+            raise ValueError("poisoned input: 13")
+        return x * 2.0
+
+
+class Slow(nn.Module):
+    """Takes 300 ms per execution: for queueing, timeouts, overload and graceful drain."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.3)
+        return x + 1.0

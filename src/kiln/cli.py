@@ -22,6 +22,16 @@ SOURCE is file.py:FactoryOrClass or pkg.module:Class (with --weights .pth/.safet
 a TorchScript .pt, a torch.export .pt2, or an .onnx file. Named dims (batch, seq) are dynamic;
 integer inputs take a value range for synthetic data: 'ids:int64[batch,seq]@0..999'."""
 
+_SERVE_EXAMPLE = """example:
+  kiln serve models/ --port 8000 --max-batch-size 32 --max-delay-ms 2
+  curl -s localhost:8000/v2/models/digits
+  curl -s localhost:8000/v2/models/digits/infer -d '{"inputs":[{"name":"image","datatype":"FP32",
+       "shape":[1,1,8,8],"data":[0,0,0,...]}]}'
+
+Per-model settings live in models/<name>/config.toml (max_batch_size, max_delay_ms,
+preferred_batch_sizes, max_queue_size, timeout_ms, instances, devices, version, variant);
+the options below override them for every model."""
+
 _INSPECT_EXAMPLE = """example:
   kiln inspect models/digits          # latest version
   kiln inspect models/digits/1 --json"""
@@ -59,6 +69,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="size of a non-batch dynamic dim when timing, e.g. seq=128 (repeatable)")
     b.add_argument("-q", "--quiet", action="store_true", help="print only the table and the result")
 
+    s = sub.add_parser("serve", help="serve a model repository over HTTP (KServe v2 / Open Inference Protocol)",
+                       description="Serve every model of a repository with dynamic batching, metrics and health checks.",
+                       epilog=_SERVE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("repo", help="model repository made by kiln build")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--models", help="comma-separated subset of the repository's models")
+    s.add_argument("--max-batch-size", type=int, help="rows per execution")
+    s.add_argument("--max-delay-ms", type=float, help="batching window, from the first request of a batch")
+    s.add_argument("--preferred-batch-sizes", help="comma-separated sizes that run without waiting")
+    s.add_argument("--max-queue-size", type=int, help="waiting requests beyond this get 429")
+    s.add_argument("--timeout-ms", type=float, help="default request deadline (504 after it)")
+    s.add_argument("--instances", type=int, help="model instances per device")
+    s.add_argument("--device", action="append", dest="devices", help="cpu, cuda:0 ... (repeat for one instance set per GPU)")
+    s.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
+                   help="require Authorization: Bearer KEY on all but health (default: $KILN_API_KEY)")
+    s.add_argument("--max-body-mb", type=float, default=64, help="largest request body (default: 64 MB)")
+    s.add_argument("--grace-s", type=float, default=30, help="on SIGTERM/SIGINT, time to finish in-flight requests")
+    s.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
+    s.add_argument("--log-json", action="store_true", help="access log as JSON lines (implies --access-log)")
+
     i = sub.add_parser("inspect", help="show a built model: versions, specs, variants",
                        description="Show a built model's manifest: source, TensorSpecs, every candidate variant.",
                        epilog=_INSPECT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "build":
             return _build(args)
+        if args.command == "serve":
+            return _serve(args)
         return _inspect(args)
     except KilnError as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -129,6 +162,36 @@ def _build(args: argparse.Namespace) -> int:
         print("  hint: look at the reasons above; loosen --tolerance only if the errors are acceptable", file=sys.stderr)
         return 1
     console.print(f"selected [bold]{result.selected}[/bold] ({result.objective}) -> {result.path}", highlight=False)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from kiln.server.app import create_app
+    from kiln.server.dataplane import DataPlane
+
+    overrides = {
+        "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "max_queue_size": args.max_queue_size,
+        "timeout_ms": args.timeout_ms, "instances": args.instances, "devices": args.devices,
+        "preferred_batch_sizes": _int_list(args.preferred_batch_sizes, "--preferred-batch-sizes") if args.preferred_batch_sizes else None,
+    }
+    plane = DataPlane(Path(args.repo), overrides=overrides, only=args.models.split(",") if args.models else None,
+                      drain_s=args.grace_s)
+    names = plane.available()
+    if not names:
+        raise KilnError(f"no built models in {args.repo}", hint="build one with kiln build ... --repo " + args.repo)
+    app = create_app(plane, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     access_log=args.access_log or args.log_json, log_json=args.log_json)
+    print(f"kiln serve: {', '.join(names)} on http://{args.host}:{args.port} (ready at /v2/health/ready once warm)",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(args.grace_s), lifespan="on")
+    uvicorn.Server(config).run()
+    for name, err in plane.errors.items():
+        print(f"model {name} failed to load: {err}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,232 @@
+"""The HTTP app: KServe v2 / Open Inference Protocol endpoints, thin over the DataPlane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiln.server.codec import HEADER_LENGTH, BadRequest
+from kiln.server.dataplane import DataPlane
+
+log = logging.getLogger("kiln.access")
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+            "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string", "example": "FP32"}, "parameters": {"type": "object"},
+            "data": {"type": "array", "items": {}}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "parameters": {"type": "object"}}}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "JSON header of Inference-Header-Content-Length bytes, then binary tensors"}}}}}
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _error(e: BadRequest) -> Response:
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return Response(orjson.dumps({"error": str(e)}), status_code=e.status, media_type="application/json", headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"body of {declared} bytes exceeds the limit of {limit} bytes; send smaller batches or raise --max-body-mb", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"body exceeds the limit of {limit} bytes; send smaller batches or raise --max-body-mb", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: int = 64 << 20,
+               access_log: bool = False, log_json: bool = False) -> FastAPI:
+    """The ASGI app. Models load in the background at startup: live at once, ready when loaded and warm."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for name in plane.available():
+            plane.loading.add(name)
+        task = asyncio.create_task(plane.load_all())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await plane.stop()
+
+    app = FastAPI(title="kiln", version=plane.server_metadata()["version"], lifespan=lifespan,
+                  description="KServe v2 / Open Inference Protocol server for models built by `kiln build`.")
+    app.state.plane = plane
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_: Request, e: BadRequest) -> Response:
+        return _error(e)
+
+    @app.get("/v2/health/live", tags=["health"])
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready", tags=["health"])
+    async def ready() -> Response:
+        ok = plane.ready()
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/v2", tags=["metadata"])
+    async def server_metadata() -> Response:
+        return _json(plane.server_metadata())
+
+    @app.get("/v2/models/stats", tags=["statistics"])
+    async def all_stats() -> Response:
+        return _json(plane.statistics(None, None))
+
+    @app.get("/v2/models/{model}", tags=["metadata"])
+    @app.get("/v2/models/{model}/versions/{version}", tags=["metadata"])
+    async def model_metadata(model: str, version: str | None = None) -> Response:
+        return _json(plane.model_metadata(model, version))
+
+    @app.get("/v2/models/{model}/ready", tags=["health"])
+    @app.get("/v2/models/{model}/versions/{version}/ready", tags=["health"])
+    async def model_ready(model: str, version: str | None = None) -> Response:
+        m = plane.get(model, version)
+        return _json({"name": model, "ready": m.ready}, 200 if m.ready else 503)
+
+    @app.get("/v2/models/{model}/config", tags=["metadata"])
+    @app.get("/v2/models/{model}/versions/{version}/config", tags=["metadata"])
+    async def model_config(model: str, version: str | None = None) -> Response:
+        return _json(plane.model_config(model, version))
+
+    @app.get("/v2/models/{model}/stats", tags=["statistics"])
+    @app.get("/v2/models/{model}/versions/{version}/stats", tags=["statistics"])
+    async def model_stats(model: str, version: str | None = None) -> Response:
+        return _json(plane.statistics(model, version))
+
+    @app.post("/v2/models/{model}/infer", tags=["inference"], openapi_extra=_INFER_BODY)
+    @app.post("/v2/models/{model}/versions/{version}/infer", tags=["inference"], openapi_extra=_INFER_BODY)
+    async def infer(request: Request, model: str, version: str | None = None) -> Response:
+        body = await read_body(request, max_body_bytes)
+        h = request.headers
+        out, header_len = await plane.infer(model, version, body, h.get(HEADER_LENGTH), h.get("kiln-timeout-ms"))
+        if header_len is None:
+            return Response(out, media_type="application/json")
+        return Response(out, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_len)})
+
+    @app.post("/v1/models/{model}:predict", tags=["inference"])
+    async def predict_v1(request: Request, model: str) -> Response:
+        body = await read_body(request, max_body_bytes)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f'malformed JSON: {e}; send {{"instances": [...]}}') from None
+        if not isinstance(doc, dict) or "instances" not in doc:
+            raise BadRequest('send {"instances": [row, ...]}')
+        return _json(await plane.predict_v1(model, doc["instances"]))
+
+    @app.post("/v2/repository/index", tags=["repository"])
+    async def repo_index() -> Response:
+        return _json(plane.index())
+
+    @app.post("/v2/repository/models/{model}/load", tags=["repository"])
+    async def repo_load(model: str) -> Response:
+        from kiln.errors import KilnError
+
+        try:
+            await plane.load(model)
+        except KilnError as e:
+            raise BadRequest(f"cannot load {model!r}: {e.message}" + (f"; {e.hint}" if e.hint else "")) from None
+        return _json({})
+
+    @app.post("/v2/repository/models/{model}/unload", tags=["repository"])
+    async def repo_unload(model: str) -> Response:
+        await plane.unload(model)
+        return _json({})
+
+    @app.get("/metrics", tags=["metrics"])
+    async def metrics() -> Response:
+        return Response(plane.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    wrapped: ASGIApp = app
+    if access_log:
+        wrapped = AccessLog(wrapped, json_lines=log_json)
+    if api_key:
+        wrapped = BearerAuth(wrapped, api_key)
+    return wrapped  # type: ignore[return-value]
+
+
+class BearerAuth:
+    """Requires `Authorization: Bearer KEY` on everything but the health endpoints."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/v2/health/"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                body = b'{"error":"missing or wrong API key; send the header Authorization: Bearer <key>"}'
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:  # let callers reach the wrapped FastAPI app's state
+        return getattr(self.app, name)
+
+
+class AccessLog:
+    """One line per request (method, path, status, duration, bytes), plain or JSON, to stderr."""
+
+    def __init__(self, app: ASGIApp, *, json_lines: bool) -> None:
+        self.app = app
+        self.json_lines = json_lines
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [0]
+        size = [0]
+
+        async def _send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            elif msg["type"] == "http.response.body":
+                size[0] += len(msg.get("body", b""))
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            ms = (time.perf_counter() - t0) * 1e3
+            client = scope.get("client") or ("-", 0)
+            if self.json_lines:
+                line = json.dumps({"ts": round(time.time(), 3), "client": client[0], "method": scope["method"],
+                                   "path": scope["path"], "status": status[0], "ms": round(ms, 3), "bytes": size[0]})
+            else:
+                line = f'{client[0]} "{scope["method"]} {scope["path"]}" {status[0]} {ms:.2f}ms {size[0]}B'
+            print(line, file=sys.stderr, flush=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)

@@ -1,0 +1,190 @@
+"""V2 tensors to and from numpy: JSON data and the binary tensor data extension, validated against TensorSpecs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from kiln.spec import TensorSpec
+
+DATATYPES = {
+    "float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64", "int64": "INT64",
+    "int32": "INT32", "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL",
+}
+NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
+         "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_, "UINT16": np.uint16,
+         "UINT32": np.uint32, "UINT64": np.uint64}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class BadRequest(Exception):
+    """A client error: answered with HTTP 400 (or `status`) and this message."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Decoded:
+    """A validated inference request: arrays in spec order, and how the client wants outputs back."""
+
+    id: str | None
+    arrays: list[np.ndarray]
+    rows: int
+    outputs: list[str]
+    binary: set[str]
+    parameters: dict[str, Any]
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+    """JSON header and binary tail of a request body (the tail is empty without the binary extension)."""
+    if header_length is None:
+        n = len(body)
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        if not 0 < n <= len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {n} is outside the body's {len(body)} bytes")
+    try:
+        doc = orjson.loads(body[:n])
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e}; send a V2 inference request object") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the request body must be a JSON object with an 'inputs' list")
+    return doc, memoryview(body)[n:]
+
+
+def decode_request(doc: dict[str, Any], tail: memoryview, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                   *, batched: bool, allow_nonfinite: bool = False) -> Decoded:
+    """Check every input against its spec: name, datatype, shape, element count vs binary size, NaN/inf."""
+    items = doc.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    by_name: dict[str, dict[str, Any]] = {}
+    for t in items:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise BadRequest("each input must be an object with a 'name'")
+        if t["name"] in by_name:
+            raise BadRequest(f"input {t['name']!r} appears twice")
+        by_name[t["name"]] = t
+    names = [s.name for s in inputs]
+    unknown = [n for n in by_name if n not in names]
+    missing = [n for n in names if n not in by_name]
+    if unknown or missing:
+        raise BadRequest(f"inputs do not match the model: unknown {unknown}, missing {missing}; the model takes {names}")
+    offset = 0
+    arrays = []
+    sizes: dict[str, int] = {}
+    for spec in inputs:
+        a, offset = _decode_tensor(by_name[spec.name], spec, tail, offset)
+        _check_shape(spec, a.shape, sizes)
+        if not allow_nonfinite and a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise BadRequest(f'input "{spec.name}" contains NaN or infinity; send finite values')
+        arrays.append(a)
+    if offset != len(tail):
+        raise BadRequest(f"{len(tail) - offset} bytes of binary data are not claimed by any input's binary_data_size")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    wanted = doc.get("outputs")
+    out_names = [s.name for s in outputs]
+    binary: set[str] = set(out_names) if params.get("binary_data_output") else set()
+    if wanted is None:
+        selected = out_names
+    else:
+        if not isinstance(wanted, list):
+            raise BadRequest("'outputs' must be a list of {name, parameters}")
+        selected = []
+        for o in wanted:
+            if not isinstance(o, dict) or o.get("name") not in out_names:
+                raise BadRequest(f"unknown output {o.get('name') if isinstance(o, dict) else o!r}; the model has {out_names}")
+            selected.append(o["name"])
+            p = o.get("parameters") or {}
+            if p.get("binary_data") is True:
+                binary.add(o["name"])
+            elif p.get("binary_data") is False:
+                binary.discard(o["name"])
+    rows = int(arrays[0].shape[0]) if batched else 1
+    rid = doc.get("id")
+    return Decoded(str(rid) if rid is not None else None, arrays, rows, selected, binary, params)
+
+
+def _decode_tensor(t: dict[str, Any], spec: TensorSpec, tail: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    want = DATATYPES[spec.dtype]
+    dt = t.get("datatype")
+    if dt != want:
+        raise BadRequest(f'input "{spec.name}" must have datatype {want}, got {dt!r}; convert the data to {want}')
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadRequest(f'input "{spec.name}" needs "shape": a list of non-negative integers, got {shape!r}')
+    count = int(np.prod(shape)) if shape else 1
+    params = t.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    np_dtype = np.dtype("<u2") if want == "BF16" else np.dtype(NUMPY[want]).newbyteorder("<")
+    if size is not None:
+        if not isinstance(size, int) or size < 0:
+            raise BadRequest(f'input "{spec.name}": binary_data_size must be a non-negative integer')
+        if size != count * np_dtype.itemsize:
+            raise BadRequest(f'input "{spec.name}": shape {shape} of {want} needs {count * np_dtype.itemsize} bytes, '
+                             f"binary_data_size says {size}")
+        if offset + size > len(tail):
+            raise BadRequest(f'input "{spec.name}": binary data ends after {len(tail) - offset} of {size} bytes')
+        a = np.frombuffer(tail[offset:offset + size], dtype=np_dtype).reshape(shape)
+        if want == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)  # bfloat16 bits -> float32, exact
+        return a, offset + size
+    if want in ("BF16",):
+        raise BadRequest(f'input "{spec.name}" is BF16, which JSON cannot carry; send it as binary data')
+    data = t.get("data")
+    if data is None:
+        raise BadRequest(f'input "{spec.name}" has neither "data" nor a binary_data_size parameter')
+    try:
+        a = np.asarray(data, dtype=NUMPY[want])
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest(f'input "{spec.name}": "data" must be a flat or nested list of {want} numbers') from None
+    if a.size != count:
+        raise BadRequest(f'input "{spec.name}": shape {shape} has {count} elements but "data" has {a.size}')
+    return a.reshape(shape), offset
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], sizes: dict[str, int]) -> None:
+    expect = f"{DATATYPES[spec.dtype]}[{','.join(str(d) for d in spec.shape)}]"
+    if not spec.matches(shape):
+        hint = "add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape"
+        raise BadRequest(f'expected input "{spec.name}" {expect}, got shape {list(shape)}: {hint}')
+    for i, d in spec.dynamic_dims.items():
+        if shape[i] == 0:
+            raise BadRequest(f'input "{spec.name}" has an empty {d!r} dimension; send at least one item')
+        if sizes.setdefault(d, shape[i]) != shape[i]:
+            raise BadRequest(f'dim {d!r} is {sizes[d]} in an earlier input but {shape[i]} in "{spec.name}"; inputs sharing a dim must agree')
+
+
+def encode_response(model: str, version: str, rid: str | None, names: list[str], arrays: list[np.ndarray],
+                    outputs: list[TensorSpec], binary: set[str]) -> tuple[bytes, int | None]:
+    """JSON body (plus binary tail when asked); returns (body, header length or None)."""
+    specs = {s.name: s for s in outputs}
+    outs: list[dict[str, Any]] = []
+    tails: list[bytes] = []
+    for name, a in zip(names, arrays):
+        dt = DATATYPES[specs[name].dtype] if specs[name].dtype != "bfloat16" else "FP32"
+        o: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(a.shape)}
+        if name in binary:
+            raw = np.ascontiguousarray(a, dtype=np.dtype(NUMPY[dt]).newbyteorder("<")).tobytes()
+            o["parameters"] = {"binary_data_size": len(raw)}
+            tails.append(raw)
+        else:
+            o["data"] = a.ravel()
+        outs.append(o)
+    head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outs}
+    if rid is not None:
+        head["id"] = rid
+    body = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not tails:
+        return body, None
+    return body + b"".join(tails), len(body)

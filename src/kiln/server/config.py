@@ -1,0 +1,61 @@
+"""Per-model serving settings: repo/<model>/config.toml, overridden by the command line."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kiln.errors import KilnError
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1)
+    """Most rows one execution takes; a request with more rows is refused with 400."""
+    max_delay_ms: float = Field(2.0, ge=0)
+    """How long a batch waits for company, counted from its first request's arrival."""
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    """Row counts at which a batch runs at once instead of waiting out max_delay_ms."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Requests waiting beyond this are answered 429 with Retry-After."""
+    timeout_ms: float = Field(30_000, gt=0)
+    """Default per-request deadline (504 after it); a client may ask for less with the kiln-timeout-ms header."""
+    instances: int = Field(1, ge=1)
+    """Model instances per device, each running one batch at a time."""
+    devices: list[str] = Field(default_factory=lambda: ["cpu"])
+    """One or more devices (cpu, cuda:0, cuda:1 ...); `instances` runners are made on each."""
+    version: int | None = None
+    """Serve this version instead of the latest."""
+    variant: str | None = None
+    """Serve this variant instead of the selected one."""
+    allow_nonfinite: bool = False
+    """Accept NaN/inf in float inputs (refused with 400 by default)."""
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one device")
+        return v
+
+
+def load_config(model_dir: Path, overrides: dict[str, Any]) -> ModelConfig:
+    """config.toml beside the model's versions, then the non-None command-line overrides."""
+    data: dict[str, Any] = {}
+    f = model_dir / "config.toml"
+    if f.is_file():
+        try:
+            data = tomllib.loads(f.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise KilnError(f"cannot parse {f}: {e}", hint="fix the TOML syntax") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ModelConfig(**data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise KilnError(f"invalid serving config for {model_dir.name}: {problems}",
+                        hint=f"see the fields of ModelConfig; settings live in {f}") from None

@@ -1,0 +1,276 @@
+"""The protocol-agnostic data plane: models in, V2 answers out. HTTP endpoints are thin over it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln import __version__, repository
+from kiln.errors import KilnError
+from kiln.server.batcher import Closed, Expired, QueueFull
+from kiln.server.codec import DATATYPES, BadRequest, decode_request, encode_response, split_body
+from kiln.server.config import load_config
+from kiln.server.metrics import Metrics
+from kiln.server.model import ServedModel
+
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
+
+
+class NotFound(BadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=404)
+
+
+class Unavailable(BadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503)
+
+
+class DataPlane:
+    """
+    >>> plane = DataPlane(Path("models")); await plane.load_all()
+    >>> body, header_len = await plane.infer("digits", None, request_bytes, None)
+    """
+
+    def __init__(self, repo: Path, *, overrides: dict[str, Any] | None = None, only: list[str] | None = None,
+                 metrics: Metrics | None = None, drain_s: float = 30.0) -> None:
+        if not repo.is_dir():
+            raise KilnError(f"model repository not found: {repo}", hint="build a model first: kiln build ... --repo DIR")
+        self.repo = repo
+        self.overrides = overrides or {}
+        self.only = only
+        self.metrics = metrics or Metrics()
+        self.drain_s = drain_s
+        self.models: dict[str, ServedModel] = {}
+        self.errors: dict[str, str] = {}
+        self.loading: set[str] = set()
+
+    # -- repository -------------------------------------------------------------------------------
+    def available(self) -> list[str]:
+        names = sorted(p.name for p in self.repo.iterdir() if p.is_dir() and repository.versions(p))
+        return [n for n in names if self.only is None or n in self.only]
+
+    async def load_all(self) -> None:
+        for name in self.available():
+            try:
+                m = await self.load(name)
+                print(f"kiln serve: {name} version {m.version} ({m.variant}, {len(m.runners)} instance(s)) ready",
+                      file=sys.stderr, flush=True)
+            except KilnError as e:  # recorded in self.errors; the index and readiness report it
+                print(f"kiln serve: {name} failed to load: {e.message}", file=sys.stderr, flush=True)
+
+    async def load(self, name: str) -> ServedModel:
+        model_dir = self.repo / name
+        if not repository.versions(model_dir):
+            raise NotFound(f"no model {name!r} in {self.repo}; the repository has {self.available()}")
+        self.loading.add(name)
+        try:
+            config = load_config(model_dir, self.overrides)
+            path = model_dir / str(config.version) if config.version is not None else model_dir
+            version_dir, manifest = repository.resolve(path)
+            served = ServedModel(name, version_dir, manifest, config, observer=self.metrics.observe_batch)
+            await asyncio.to_thread(served.load)  # load and warm up without blocking the event loop
+        except KilnError as e:
+            self.errors[name] = e.message
+            raise
+        finally:
+            self.loading.discard(name)
+        old = self.models.get(name)
+        served.start()
+        self.metrics.track(served)
+        self.models[name] = served
+        self.errors.pop(name, None)
+        if old is not None:
+            await old.stop(drain_s=self.drain_s)
+        return served
+
+    async def unload(self, name: str) -> None:
+        served = self.models.pop(name, None)
+        if served is None:
+            raise NotFound(f"model {name!r} is not loaded")
+        await served.stop(drain_s=self.drain_s)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.stop(drain_s=self.drain_s) for m in self.models.values()))
+
+    def index(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.available():
+            m = self.models.get(name)
+            if m is not None:
+                out.append({"name": name, "version": m.version, "state": "READY"})
+            elif name in self.loading:
+                out.append({"name": name, "state": "LOADING"})
+            else:
+                out.append({"name": name, "state": "UNAVAILABLE", "reason": self.errors.get(name, "unloaded")})
+        return out
+
+    # -- health and metadata ----------------------------------------------------------------------
+    def ready(self) -> bool:
+        return not self.loading and all(n in self.models for n in self.available() if n not in self.errors)
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        m = self.models.get(name)
+        if m is None:
+            if name in self.loading:
+                raise Unavailable(f"model {name!r} is still loading; retry when /v2/models/{name}/ready says 200")
+            raise NotFound(f"model {name!r} is not loaded; loaded models: {sorted(self.models)}")
+        if version is not None and version != m.version:
+            raise NotFound(f"model {name!r} version {version} is not loaded (serving version {m.version}); "
+                           f"pin it with version = {version} in {self.repo / name / 'config.toml'}")
+        return m
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "kiln", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        m = self.get(name, version)
+
+        def tensors(specs: list[Any]) -> list[dict[str, Any]]:
+            return [{"name": s.name, "datatype": DATATYPES[s.dtype], "shape": [d if isinstance(d, int) else -1 for d in s.shape]}
+                    for s in specs]
+
+        return {"name": name, "versions": [str(v) for v in repository.versions(self.repo / name)],
+                "platform": f"kiln_{m.variant.split('/')[0]}", "inputs": tensors(m.inputs), "outputs": tensors(m.outputs)}
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """The model configuration as Triton reports it (what tritonclient and perf_analyzer read)."""
+        m = self.get(name, version)
+        batched = m.batched
+
+        def tensors(specs: list[Any]) -> list[dict[str, Any]]:
+            return [{"name": s.name, "data_type": f"TYPE_{DATATYPES[s.dtype]}",
+                     "dims": [d if isinstance(d, int) else -1 for d in (s.shape[1:] if batched else s.shape)]} for s in specs]
+
+        c = m.config
+        kind = "KIND_GPU" if any(d.startswith("cuda") for d in c.devices) else "KIND_CPU"
+        return {
+            "name": name, "platform": f"kiln_{m.variant.split('/')[0]}", "backend": "kiln",
+            "max_batch_size": c.max_batch_size if batched else 0,
+            "input": tensors(m.inputs), "output": tensors(m.outputs),
+            "dynamic_batching": {"preferred_batch_size": c.preferred_batch_sizes,
+                                 "max_queue_delay_microseconds": int(c.max_delay_ms * 1000),
+                                 "default_queue_policy": {"max_queue_size": c.max_queue_size,
+                                                          "default_timeout_microseconds": int(c.timeout_ms * 1000)}},
+            "instance_group": [{"count": c.instances, "kind": kind, **({"gpus": [int(d.split(":")[1]) if ":" in d else 0 for d in c.devices]} if kind == "KIND_GPU" else {})}],
+            "version_policy": {"specific": {"versions": [int(m.version)]}},
+            "parameters": {"variant": {"string_value": m.variant}},
+        }
+
+    def statistics(self, name: str | None, version: str | None) -> dict[str, Any]:
+        models = [self.get(name, version)] if name else list(self.models.values())
+
+        def d(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        out = []
+        for m in models:
+            s = m.stats
+            out.append({
+                "name": m.name, "version": m.version, "last_inference": s.last_inference_ms,
+                "inference_count": s.inference_count, "execution_count": s.execution_count,
+                "inference_stats": {"success": d(s.success_count, s.success_ns), "fail": d(s.fail_count, s.fail_ns),
+                                    "queue": d(s.queue_count, s.queue_ns), "compute_input": d(0, 0),
+                                    "compute_infer": d(s.compute_count, s.compute_ns), "compute_output": d(0, 0),
+                                    "cache_hit": d(0, 0), "cache_miss": d(0, 0)},
+                "batch_stats": [{"batch_size": b, "compute_input": d(0, 0), "compute_infer": d(v[0], v[1]),
+                                 "compute_output": d(0, 0)} for b, v in sorted(s.batch_sizes.items())],
+            })
+        return {"model_stats": out}
+
+    # -- inference --------------------------------------------------------------------------------
+    async def infer(self, name: str, version: str | None, body: bytes, header_length: str | None,
+                    timeout_ms: str | None = None) -> tuple[bytes, int | None]:
+        t0 = time.perf_counter()
+        m = self.get(name, version)
+        labels = (m.name, m.version)
+        try:
+            doc, tail = split_body(body, header_length)
+            req = decode_request(doc, tail, m.inputs, m.outputs, batched=m.batched, allow_nonfinite=m.config.allow_nonfinite)
+            if m.batched and req.rows > m.config.max_batch_size:
+                raise BadRequest(f"the request has {req.rows} rows, more than max_batch_size {m.config.max_batch_size}; "
+                                 "split it, or raise max_batch_size in config.toml")
+            outs = await m.infer(req, timeout_s=_timeout(timeout_ms, req.parameters))
+            names = {s.name: i for i, s in enumerate(m.outputs)}
+            result = encode_response(name, m.version, req.id, req.outputs, [outs[names[n]] for n in req.outputs],
+                                     m.outputs, req.binary)
+        except BaseException as e:
+            elapsed = time.perf_counter() - t0
+            m.stats.fail_count += 1
+            m.stats.fail_ns += int(elapsed * 1e9)
+            reason, err = _classify(e)
+            self.metrics.request_failure.labels(*labels, reason).inc()
+            if reason in ("queue_full", "timeout", "shutting_down"):
+                self.metrics.rejections.labels(*labels, reason).inc()
+            self.metrics.request_latency.labels(*labels).observe(elapsed)
+            if err is None:
+                raise
+            raise err from None
+        elapsed = time.perf_counter() - t0
+        m.stats.success_count += 1
+        m.stats.success_ns += int(elapsed * 1e9)
+        self.metrics.request_success.labels(*labels).inc()
+        self.metrics.request_latency.labels(*labels).observe(elapsed)
+        return result
+
+    async def predict_v1(self, name: str, instances: Any) -> dict[str, Any]:
+        """`{"instances": [...]}` -> `{"predictions": [...]}`: one instance per row; dicts for several inputs."""
+        m = self.get(name)
+        if not isinstance(instances, list) or not instances:
+            raise BadRequest('send {"instances": [row, ...]} with at least one row')
+        if len(m.inputs) == 1 and not isinstance(instances[0], dict):
+            columns = {m.inputs[0].name: instances}
+        else:
+            if not all(isinstance(i, dict) for i in instances):
+                raise BadRequest(f"this model takes {[s.name for s in m.inputs]}: send each instance as an object keyed by input name")
+            columns = {s.name: [i.get(s.name) for i in instances] for s in m.inputs}
+        inputs = []
+        for s in m.inputs:
+            try:
+                a = np.asarray(columns[s.name], dtype=np.dtype(s.dtype) if s.dtype != "bfloat16" else np.float32)
+            except (ValueError, TypeError):
+                raise BadRequest(f'instances for input "{s.name}" must be numbers of shape {list(s.shape[1:])}') from None
+            inputs.append({"name": s.name, "datatype": DATATYPES[s.dtype], "shape": list(a.shape), "data": a.ravel().tolist()})
+        import orjson
+
+        body, _ = await self.infer(name, None, orjson.dumps({"inputs": inputs}), None)
+        outs = orjson.loads(body)["outputs"]
+        arrays = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in outs}
+        rows = len(instances)
+        if len(arrays) == 1:
+            return {"predictions": next(iter(arrays.values())).tolist()}
+        return {"predictions": [{k: v[i].tolist() for k, v in arrays.items()} for i in range(rows)]}
+
+
+def _timeout(header: str | None, params: dict[str, Any]) -> float | None:
+    value = header if header is not None else params.get("timeout_ms")
+    if value is None:
+        return None
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"timeout must be a number of milliseconds, got {value!r}") from None
+    if not t > 0:
+        raise BadRequest("timeout must be positive")
+    return t / 1e3
+
+
+def _classify(e: BaseException) -> tuple[str, BadRequest | None]:
+    if isinstance(e, BadRequest):
+        return ("bad_request" if e.status < 500 else "unavailable"), e
+    if isinstance(e, QueueFull):
+        return "queue_full", BadRequest(f"{e}; retry after a short wait", status=429)
+    if isinstance(e, Expired):
+        return "timeout", BadRequest(f"request timed out: {e}", status=504)
+    if isinstance(e, Closed):
+        return "shutting_down", BadRequest(str(e), status=503)
+    if isinstance(e, KilnError):
+        return "bad_request", BadRequest(e.message + (f"; {e.hint}" if e.hint else ""))
+    if isinstance(e, asyncio.CancelledError):
+        return "cancelled", None
+    return "model_error", BadRequest(f"inference failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", status=500)

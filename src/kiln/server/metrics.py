@@ -1,0 +1,52 @@
+"""Prometheus metrics, per model and version, in a registry owned by one server (no module globals)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kiln.server.batcher import BatchInfo
+
+_LABELS = ("model", "version")
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.request_success = Counter("kiln_request_success", "Inference requests answered 200", _LABELS, registry=r)
+        self.request_failure = Counter("kiln_request_failure", "Inference requests that failed, by reason",
+                                       (*_LABELS, "reason"), registry=r)
+        self.inference_count = Counter("kiln_inference_count", "Rows (items) inferred", _LABELS, registry=r)
+        self.execution_count = Counter("kiln_execution_count", "Model executions (batches); inference/execution "
+                                       "is the average batch size", _LABELS, registry=r)
+        self.request_latency = Histogram("kiln_request_duration_seconds", "Request latency, receive to answer",
+                                         _LABELS, buckets=_BUCKETS, registry=r)
+        self.queue_latency = Histogram("kiln_queue_duration_seconds", "Time a request waited for its batch",
+                                       _LABELS, buckets=_BUCKETS, registry=r)
+        self.compute_latency = Histogram("kiln_compute_duration_seconds", "Time one batch took to run",
+                                         _LABELS, buckets=_BUCKETS, registry=r)
+        self.batch_size = Histogram("kiln_batch_size", "Rows per execution", _LABELS,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.queue_depth = Gauge("kiln_queue_depth", "Requests waiting for a batch", _LABELS, registry=r)
+        self.rejections = Counter("kiln_rejections", "Requests refused before running (queue full, expired, shutting down)",
+                                  (*_LABELS, "reason"), registry=r)
+
+    def track(self, model: Any) -> None:
+        """Start exporting a served model's queue depth."""
+        self.queue_depth.labels(model.name, model.version).set_function(
+            lambda: model.batcher.queue_depth if model.batcher is not None else 0)
+
+    def observe_batch(self, model: Any, info: BatchInfo) -> None:
+        labels = (model.name, model.version)
+        self.execution_count.labels(*labels).inc()
+        self.inference_count.labels(*labels).inc(info.rows)
+        self.compute_latency.labels(*labels).observe(info.compute_s)
+        self.batch_size.labels(*labels).observe(info.rows)
+        q = self.queue_latency.labels(*labels)
+        for s in info.queue_s:
+            q.observe(s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

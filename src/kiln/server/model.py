@@ -1,0 +1,142 @@
+"""A served model: its runners (instances x devices), its batcher, and what it has done."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln import repository
+from kiln.data import batch_dim
+from kiln.runner import Runner
+from kiln.server.batcher import Batcher, BatchInfo
+from kiln.server.codec import Decoded
+from kiln.server.config import ModelConfig
+from kiln.signature import example_inputs
+from kiln.spec import TensorSpec
+
+
+@dataclass
+class Stats:
+    """Counters in the shape of Triton's statistics extension (times in nanoseconds)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # rows -> [count, compute ns]
+
+
+class ServedModel:
+    def __init__(self, name: str, version_dir: Path, manifest: dict[str, Any], config: ModelConfig,
+                 *, observer: Any = None) -> None:
+        self.name = name
+        self.version = str(manifest["version"])
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.config = config
+        self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
+        self.outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
+        self.batched = batch_dim(self.inputs) is not None
+        self.variant = config.variant or manifest["selected"]
+        self.stats = Stats()
+        self.ready = False
+        self.runners: list[Runner] = []
+        self._free: asyncio.Queue[Runner] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._observer = observer
+        self.batcher: Batcher | None = None
+
+    def load(self) -> None:
+        """Blocking: load and warm every runner (called in a worker thread so the loop keeps serving)."""
+        for device in self.config.devices:
+            for _ in range(self.config.instances):
+                runner = repository.load(self.version_dir, device=device, variant=self.variant)
+                self._warm(runner)
+                self.runners.append(runner)
+
+    def _warm(self, runner: Runner) -> None:
+        xs = example_inputs(self.inputs)
+        sizes = [1, self.config.max_batch_size] if self.batched else [1]
+        for n in sizes:
+            batch = [x[:1].repeat(n, *[1] * (x.dim() - 1)) for x in xs] if self.batched else xs
+            for _ in range(2):
+                runner.run(batch)
+
+    def start(self) -> None:
+        """Start batching on the running loop; the model is ready afterwards."""
+        self._free = asyncio.Queue()
+        for r in self.runners:
+            self._free.put_nowait(r)
+        self._pool = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"kiln-{self.name}")
+        c = self.config
+        self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size if self.batched else 1,
+                               max_delay_ms=c.max_delay_ms, max_queue_size=c.max_queue_size,
+                               preferred_batch_sizes=c.preferred_batch_sizes, instances=len(self.runners),
+                               observer=self._observe)
+        self.batcher.start()
+        self.ready = True
+
+    async def stop(self, *, drain_s: float = 30.0) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop(drain_s=drain_s)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def infer(self, req: Decoded, *, timeout_s: float | None) -> list[np.ndarray]:
+        assert self.batcher is not None
+        key = tuple(a.shape[1:] for a in req.arrays) if self.batched else None
+        return await self.batcher.submit(req.arrays, rows=req.rows, key=key,
+                                         timeout_s=timeout_s or self.config.timeout_ms / 1e3)
+
+    async def _run_batch(self, payloads: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        assert self._free is not None and self._pool is not None
+        runner = await self._free.get()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._execute, runner, payloads)
+        finally:
+            self._free.put_nowait(runner)
+
+    def _execute(self, runner: Runner, payloads: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """In a worker thread: merge rows, run once, split rows back to their requests."""
+        if len(payloads) == 1:
+            merged = payloads[0]
+        else:
+            merged = [np.concatenate([p[k] for p in payloads]) for k in range(len(self.inputs))]
+        # Binary request data arrives as read-only views of the body; torch wants writable memory.
+        xs = [torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a)).to(s.torch_dtype)
+              for a, s in zip(merged, self.inputs)]
+        outs = [o.float().numpy(force=True) if o.dtype == torch.bfloat16 else o.numpy(force=True) for o in runner.run(xs)]
+        if len(payloads) == 1:
+            return [outs]
+        bounds = np.cumsum([0] + [len(p[0]) for p in payloads])
+        return [[o[lo:hi] for o in outs] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def _observe(self, info: BatchInfo) -> None:
+        s = self.stats
+        s.execution_count += 1
+        s.inference_count += info.rows
+        s.queue_count += info.requests
+        s.queue_ns += int(sum(info.queue_s) * 1e9)
+        s.compute_count += 1
+        s.compute_ns += int(info.compute_s * 1e9)
+        s.last_inference_ms = int(time.time() * 1e3)
+        b = s.batch_sizes.setdefault(info.rows, [0, 0])
+        b[0] += 1
+        b[1] += int(info.compute_s * 1e9)
+        if self._observer is not None:
+            self._observer(self, info)

@@ -1,0 +1,74 @@
+"""A model repository to serve (built once per session), and a real uvicorn server on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+import kiln
+import zoo
+from kiln.server.app import create_app
+from kiln.server.dataplane import DataPlane
+from support import DIGITS, ZOO
+
+
+@pytest.fixture(scope="session")
+def serve_repo(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Path:
+    repo = tmp_path_factory.mktemp("serve")
+    fast = ("eager", "onnxruntime")
+    kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
+               repo=repo, backend_names=fast)
+    kiln.build(f"{ZOO}:TwoInTwoOut", weights=weights_dir / "TwoInTwoOut.safetensors", inputs=zoo.SPECS["TwoInTwoOut"],
+               name="two", repo=repo, backend_names=fast)
+    for name, specs in zoo.SERVE_SPECS.items():
+        kiln.build(f"{ZOO}:{name}", inputs=specs, name=name.lower(), repo=repo, backend_names=("eager",), batch_sizes=(1,))
+    (repo / "poison" / "config.toml").write_text("max_delay_ms = 100\nmax_batch_size = 16\n")
+    (repo / "slow" / "config.toml").write_text("max_batch_size = 1\nmax_queue_size = 2\ninstances = 1\n")
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """uvicorn in a background thread, as `kiln serve` runs it."""
+
+    def __init__(self, app: object) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",  # type: ignore[arg-type]
+                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(serve_repo: Path) -> Iterator[ServerThread]:
+    plane = DataPlane(serve_repo, overrides={"max_delay_ms": None})
+    with ServerThread(create_app(plane, max_body_bytes=1 << 20)) as s:
+        yield s

@@ -1,0 +1,266 @@
+"""A real uvicorn server on loopback, real HTTP clients (httpx, tritonclient)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+import kiln
+from kiln.server.app import create_app
+from kiln.server.dataplane import DataPlane
+from support import DIGITS
+
+from .conftest import ServerThread
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    z = np.load(DIGITS / "test.npz")
+    return z["image"], z["labels"]
+
+
+def v2(name: str, x: np.ndarray, datatype: str = "FP32") -> dict:
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": list(x.shape), "data": x.ravel().tolist()}]}
+
+
+def test_health_and_metadata(server: ServerThread) -> None:
+    c = httpx.Client(base_url=server.url)
+    assert c.get("/v2/health/live").status_code == 200
+    assert c.get("/v2/health/ready").status_code == 200
+    meta = c.get("/v2").json()
+    assert meta["name"] == "kiln" and {"binary_tensor_data", "statistics", "model_repository"} <= set(meta["extensions"])
+    m = c.get("/v2/models/digits").json()
+    assert m["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert m["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
+    assert c.get("/v2/models/digits/versions/1").status_code == 200
+    assert c.get("/v2/models/digits/versions/7").status_code == 404
+    assert c.get("/v2/models/digits/ready").status_code == 200
+    cfg = c.get("/v2/models/digits/config").json()
+    assert cfg["max_batch_size"] == 32 and cfg["input"][0] == {"name": "image", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}
+    assert c.get("/v2/models/nope").status_code == 404
+    assert "swagger" in c.get("/docs").text.lower()
+    assert "/v2/models/{model}/infer" in c.get("/openapi.json").json()["paths"]
+
+
+def test_json_inference_matches_the_artifact(server: ServerThread, serve_repo: Path, digits: tuple) -> None:
+    x, y = digits
+    r = httpx.post(f"{server.url}/v2/models/digits/infer", json={**v2("image", x[:30]), "id": "req-7"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-7" and body["model_name"] == "digits" and body["model_version"] == "1"
+    out = np.asarray(body["outputs"][0]["data"], np.float32).reshape(body["outputs"][0]["shape"])
+    np.testing.assert_allclose(out, kiln.load(str(serve_repo / "digits"))(x[:30]), rtol=1e-5, atol=1e-5)
+    assert (out.argmax(1) == y[:30]).mean() > 0.95
+
+
+def test_binary_extension_by_hand(server: ServerThread, digits: tuple) -> None:
+    x = digits[0][:3]
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [3, 1, 8, 8],
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
+    r = httpx.post(f"{server.url}/v2/models/digits/infer", content=head + x.tobytes(),
+                   headers={"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    meta = json.loads(r.content[:n])["outputs"][0]
+    assert meta["parameters"]["binary_data_size"] == 3 * 10 * 4
+    assert np.frombuffer(r.content[n:], np.float32).reshape(3, 10).argmax(1).shape == (3,)
+
+
+def test_tritonclient(server: ServerThread) -> None:
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("two") and client.is_model_ready("two", "1")
+    meta = client.get_model_metadata("two")
+    assert [i["name"] for i in meta["inputs"]] == ["a", "b"] and [o["name"] for o in meta["outputs"]] == ["embedding", "score"]
+    assert client.get_model_config("two")["max_batch_size"] == 32
+    a = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
+    results = []
+    for binary in (False, True):
+        ins = [triton.InferInput("a", [5, 4], "FP32"), triton.InferInput("b", [5, 6], "FP32")]
+        ins[0].set_data_from_numpy(a, binary_data=binary)
+        ins[1].set_data_from_numpy(b, binary_data=binary)
+        outs = [triton.InferRequestedOutput("embedding", binary_data=binary), triton.InferRequestedOutput("score", binary_data=binary)]
+        res = client.infer("two", ins, outputs=outs, request_id="t1")
+        results.append((res.as_numpy("embedding"), res.as_numpy("score")))
+        assert res.get_response()["id"] == "t1"
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    assert results[0][0].shape == (5, 8) and results[1][1].shape == (5, 1)
+    # no outputs named: tritonclient asks for every output in binary
+    ins = [triton.InferInput("a", [5, 4], "FP32"), triton.InferInput("b", [5, 6], "FP32")]
+    ins[0].set_data_from_numpy(a)
+    ins[1].set_data_from_numpy(b)
+    np.testing.assert_allclose(client.infer("two", ins).as_numpy("score"), results[0][1], rtol=1e-6)
+    stats = client.get_inference_statistics("two")["model_stats"][0]
+    assert stats["inference_count"] >= 15 and stats["inference_stats"]["success"]["count"] >= 3
+    index = {m["name"]: m["state"] for m in client.get_model_repository_index()}
+    assert index["two"] == "READY" and index["digits"] == "READY"
+    with pytest.raises(triton.InferenceServerException, match="must have datatype FP32"):
+        bad = triton.InferInput("a", [5, 4], "FP64")
+        bad.set_data_from_numpy(a.astype(np.float64))
+        client.infer("two", [bad, ins[1]])
+
+
+def test_every_client_gets_its_own_rows(server: ServerThread, serve_repo: Path, digits: tuple) -> None:
+    """64 concurrent clients, 1-3 rows each, batched together: each must get exactly its rows back."""
+    x = digits[0]
+    want = kiln.load(str(serve_repo / "digits"))(x[:200])
+    jobs = [(i, 1 + i % 3) for i in range(0, 190, 3)]
+
+    def call(job: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+        lo, n = job
+        with httpx.Client(base_url=server.url) as c:
+            r = c.post("/v2/models/digits/infer", json=v2("image", x[lo:lo + n]))
+            assert r.status_code == 200, r.text
+            o = r.json()["outputs"][0]
+            return lo, n, np.asarray(o["data"], np.float32).reshape(o["shape"])
+
+    with ThreadPoolExecutor(64) as pool:
+        for lo, n, got in pool.map(call, jobs * 2):
+            np.testing.assert_allclose(got, want[lo:lo + n], rtol=1e-4, atol=1e-5)
+    stats = httpx.get(f"{server.url}/v2/models/digits/stats").json()["model_stats"][0]
+    assert stats["execution_count"] < stats["inference_stats"]["success"]["count"]  # requests were batched
+
+
+def test_failing_request_fails_alone(server: ServerThread) -> None:
+    good = np.ones((2, 4), np.float32)
+    bad = np.full((1, 4), 13, np.float32)
+
+    def call(x: np.ndarray) -> httpx.Response:
+        return httpx.post(f"{server.url}/v2/models/poison/infer", json=v2("x", x), timeout=30)
+
+    with ThreadPoolExecutor(8) as pool:  # the poison model waits 100 ms for company: these share a batch
+        rs = list(pool.map(call, [good, bad, good, good]))
+    assert [r.status_code for r in rs] == [200, 500, 200, 200]
+    assert "poisoned input" in rs[1].json()["error"]
+    assert rs[0].json()["outputs"][0]["data"] == [2.0] * 8
+
+
+def test_overload_and_timeouts(server: ServerThread) -> None:
+    x = np.zeros((1, 4), np.float32)
+
+    def call(timeout_ms: int | None = None) -> httpx.Response:
+        h = {"kiln-timeout-ms": str(timeout_ms)} if timeout_ms else {}
+        return httpx.post(f"{server.url}/v2/models/slow/infer", json=v2("x", x), headers=h, timeout=30)
+
+    before = httpx.get(f"{server.url}/v2/models/slow/stats").json()["model_stats"][0]["inference_count"]
+    with ThreadPoolExecutor(8) as pool:  # one running, two queued, the rest refused
+        rs = list(pool.map(lambda _: call(), range(8)))
+    codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) >= 3 and 429 in codes, codes
+    refused = next(r for r in rs if r.status_code == 429)
+    assert refused.headers["Retry-After"] == "1" and "queue full" in refused.json()["error"]
+    ran = httpx.get(f"{server.url}/v2/models/slow/stats").json()["model_stats"][0]["inference_count"] - before
+    assert ran == codes.count(200)
+
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(call)
+        time.sleep(0.05)
+        late = call(timeout_ms=50)
+        assert busy.result().status_code == 200
+    assert late.status_code == 504 and "timed out" in late.json()["error"]
+    time.sleep(0.4)
+    stats = httpx.get(f"{server.url}/v2/models/slow/stats").json()["model_stats"][0]
+    assert stats["inference_count"] - before == ran + 1  # the expired request never ran
+
+
+HOSTILE = [
+    (b"{", "malformed JSON"),
+    (b"\xff\xfe\x00", "malformed JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "malformed JSON"),
+    (b'{"inputs": "image"}', "non-empty list"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [1]}]}', "64 elements"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1e9, 1, 8, 8], "data": [1]}]}', "non-negative integers"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [99, 1, 8, 8], "data": []}]}', "6336 elements"),
+    (json.dumps(v2("image", np.zeros((99, 1, 8, 8), np.float32))).encode(), "99 rows, more than max_batch_size 32"),
+    (json.dumps(v2("image", np.full((1, 1, 8, 8), np.inf, np.float32))).replace("Infinity", "1e999").encode(), "malformed JSON"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [[["x"]]]}]}', "list of FP32 numbers"),
+]
+
+
+def test_hostile_bodies_get_400_and_the_server_stays_up(server: ServerThread, digits: tuple) -> None:
+    url = f"{server.url}/v2/models/digits/infer"
+    for body, needle in HOSTILE:
+        r = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and needle in r.json()["error"], (body[:80], r.status_code, r.text[:300])
+    r = httpx.post(url, content=b"0" * (2 << 20))
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    r = httpx.post(url, content=b'{"inputs": []}', headers={"Inference-Header-Content-Length": "999"})
+    assert r.status_code == 400
+    nan = np.full((1, 1, 8, 8), np.nan, np.float32)
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                   "parameters": {"binary_data_size": nan.nbytes}}]}).encode()
+    r = httpx.post(url, content=head + nan.tobytes(), headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 400 and "NaN or infinity" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v2/models/nope/infer", json=v2("image", digits[0][:1]))
+    assert r.status_code == 404 and "not loaded" in r.json()["error"]
+    r = httpx.post(url, json={**v2("image", digits[0][:1]), "outputs": [{"name": "probs"}]})
+    assert r.status_code == 400 and "unknown output 'probs'" in r.json()["error"]
+    assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+    assert httpx.post(url, json=v2("image", digits[0][:1])).status_code == 200
+
+
+def _metric(text: str, name: str, model: str) -> float:
+    total = 0.0
+    for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
+        if f'model="{model}"' in m[1]:
+            total += float(m[2])
+    return total
+
+
+def test_metrics_move(server: ServerThread, digits: tuple) -> None:
+    url = f"{server.url}/v2/models/digits/infer"
+    before = httpx.get(f"{server.url}/metrics").text
+    for n in (1, 2, 3):
+        assert httpx.post(url, json=v2("image", digits[0][:n])).status_code == 200
+    httpx.post(url, content=b"{")
+    after = httpx.get(f"{server.url}/metrics").text
+    d = {name: _metric(after, name, "digits") - _metric(before, name, "digits") for name in (
+        "kiln_request_success_total", "kiln_request_failure_total", "kiln_inference_count_total",
+        "kiln_execution_count_total", "kiln_request_duration_seconds_count", "kiln_queue_duration_seconds_count",
+        "kiln_compute_duration_seconds_count")}
+    assert d["kiln_request_success_total"] == 3 and d["kiln_request_failure_total"] == 1
+    assert d["kiln_inference_count_total"] == 6 and 1 <= d["kiln_execution_count_total"] <= 3
+    assert d["kiln_request_duration_seconds_count"] == 4 and d["kiln_queue_duration_seconds_count"] == 3
+    assert 'kiln_queue_depth{model="digits",version="1"}' in after
+
+
+def test_v1_predict(server: ServerThread, digits: tuple) -> None:
+    x, y = digits
+    r = httpx.post(f"{server.url}/v1/models/digits:predict", json={"instances": x[:4].tolist()})
+    assert r.status_code == 200, r.text
+    assert (np.asarray(r.json()["predictions"]).argmax(1) == y[:4]).mean() >= 0.75
+    r = httpx.post(f"{server.url}/v1/models/two:predict", json={"instances": [{"a": [0] * 4, "b": [1] * 6}]})
+    assert r.status_code == 200 and set(r.json()["predictions"][0]) == {"embedding", "score"}
+    assert httpx.post(f"{server.url}/v1/models/digits:predict", json={"rows": []}).status_code == 400
+
+
+def test_repository_unload_and_load(server: ServerThread, digits: tuple) -> None:
+    c = httpx.Client(base_url=server.url)
+    assert c.post("/v2/repository/models/two/unload").status_code == 200
+    assert c.get("/v2/models/two").status_code == 404
+    assert {m["name"]: m["state"] for m in c.post("/v2/repository/index").json()}["two"] == "UNAVAILABLE"
+    assert c.post("/v2/repository/models/two/load").status_code == 200
+    assert c.get("/v2/models/two/ready").status_code == 200
+    assert c.post("/v2/repository/models/nope/load").status_code == 404
+
+
+def test_api_key(serve_repo: Path, digits: tuple) -> None:
+    plane = DataPlane(serve_repo, only=["digits"])
+    with ServerThread(create_app(plane, api_key="s3cret")) as s:
+        assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
+        r = httpx.post(f"{s.url}/v2/models/digits/infer", json=v2("image", digits[0][:1]))
+        assert r.status_code == 401 and "Bearer" in r.json()["error"]
+        assert httpx.get(f"{s.url}/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = httpx.post(f"{s.url}/v2/models/digits/infer", json=v2("image", digits[0][:1]),
+                       headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200

@@ -1,0 +1,176 @@
+"""The batcher alone: plain asyncio, a handler that records what it was given."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from kiln.server.batcher import Batcher, BatchInfo, Closed, Expired, QueueFull
+
+
+class Recorder:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls: list[list[Any]] = []
+        self.delay_s = delay_s
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        self.calls.append(list(items))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        for x in items:
+            if x == "boom":
+                raise ValueError("boom")
+        return [f"out:{x}" for x in items]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_merged_and_split_back() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        infos: list[BatchInfo] = []
+        b = Batcher(rec, max_batch_size=8, max_delay_ms=20, observer=infos.append)
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(20)))
+        assert results == [f"out:{i}" for i in range(20)]
+        assert [len(c) for c in rec.calls] == [8, 8, 4]
+        assert sum(i.rows for i in infos) == 20 and all(len(i.queue_s) == i.requests for i in infos)
+        await b.stop()
+
+    run(main())
+
+
+def test_rows_count_against_max_batch_size() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch_size=10, max_delay_ms=20)
+        b.start()
+        await asyncio.gather(*(b.submit(i, rows=4) for i in range(5)))
+        assert [len(c) for c in rec.calls] == [2, 2, 1]  # 4+4 fits in 10, a third would not
+        await b.stop()
+
+    run(main())
+
+
+def test_window_opens_at_first_request() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch_size=64, max_delay_ms=150)
+        b.start()
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(b.submit("b"))
+        t0 = time.monotonic()
+        await asyncio.gather(first, second)
+        waited = time.monotonic() - t0
+        assert rec.calls == [["a", "b"]]
+        # the window closed ~150 ms after "a", i.e. ~100 ms after "b": not a fresh 150 ms from "b"
+        assert waited < 0.14, waited
+        await b.stop()
+
+    run(main())
+
+
+def test_preferred_size_runs_without_waiting() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch_size=64, max_delay_ms=5000, preferred_batch_sizes=[4])
+        b.start()
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(4))), 2)
+        assert time.monotonic() - t0 < 1 and [len(c) for c in rec.calls] == [4]
+        await b.stop()
+
+    run(main())
+
+
+def test_different_keys_never_share_a_batch() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch_size=8, max_delay_ms=20)
+        b.start()
+        await asyncio.gather(*(b.submit(i, key=i % 2) for i in range(6)))
+        assert sorted(sorted(c) for c in rec.calls) == [[0, 2, 4], [1, 3, 5]]
+        await b.stop()
+
+    run(main())
+
+
+def test_a_failing_request_fails_alone() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch_size=8, max_delay_ms=20)
+        b.start()
+        res = await asyncio.gather(b.submit("x"), b.submit("boom"), b.submit("y"), return_exceptions=True)
+        assert res[0] == "out:x" and res[2] == "out:y" and isinstance(res[1], ValueError)
+        await b.stop()
+
+    run(main())
+
+
+def test_queue_bound() -> None:
+    async def main() -> None:
+        rec = Recorder(delay_s=0.2)
+        b = Batcher(rec, max_batch_size=1, max_delay_ms=0, max_queue_size=2)
+        b.start()
+        running = asyncio.create_task(b.submit("busy"))
+        await asyncio.sleep(0.05)  # "busy" is executing; the queue is empty
+        queued = [asyncio.create_task(b.submit(i)) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await b.submit("one too many")
+        assert await running == "out:busy" and [await q for q in queued] == ["out:0", "out:1"]
+        await b.stop()
+
+    run(main())
+
+
+def test_expired_request_never_runs() -> None:
+    async def main() -> None:
+        rec = Recorder(delay_s=0.3)
+        b = Batcher(rec, max_batch_size=1, max_delay_ms=0)
+        b.start()
+        busy = asyncio.create_task(b.submit("busy"))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Expired):
+            await b.submit("late", timeout_s=0.05)
+        await busy
+        await asyncio.sleep(0.05)
+        assert rec.calls == [["busy"]]  # "late" was dropped, not run
+        await b.stop()
+
+    run(main())
+
+
+def test_stop_drains_then_refuses() -> None:
+    async def main() -> None:
+        rec = Recorder(delay_s=0.05)
+        b = Batcher(rec, max_batch_size=2, max_delay_ms=1)
+        b.start()
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(6)]
+        await asyncio.sleep(0)
+        await b.stop(drain_s=5)
+        assert [t.result() for t in tasks] == [f"out:{i}" for i in range(6)]
+        with pytest.raises(Closed):
+            await b.submit("after")
+
+    run(main())
+
+
+def test_handler_returning_wrong_length_is_an_error() -> None:
+    async def bad(items: list[Any]) -> list[Any]:
+        return []
+
+    async def main() -> None:
+        b = Batcher(bad, max_batch_size=4, max_delay_ms=1)
+        b.start()
+        with pytest.raises(RuntimeError, match="returned 0 results"):
+            await b.submit(1)
+        await b.stop()
+
+    run(main())
