@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Build the digits model, then serve it and send it real requests.
 demo: $(STAMP)
 	$(BIN)/kiln build examples/digits/model.py:DigitsNet --weights examples/digits/digits.safetensors \
 		--data examples/digits/test.npz --repo $(REPO)
+	$(BIN)/python examples/digits/serve_demo.py --repo $(REPO)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

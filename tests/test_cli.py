@@ -42,6 +42,8 @@ def test_make_demo(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
         assert col in out
     for variant in ("eager/fp32", "torchscript/fp32", "aoti/fp32", "onnxruntime/fp32", "compile/fp32"):
         assert re.search(rf"{re.escape(variant)}\s.*accepted", out), out
+    assert "JSON and binary agree: True" in out and "server stopped" in out
+    assert int(re.search(r"(\d+)/8 correct", out)[1]) >= 7  # type: ignore[index]
     m = re.search(r"selected (\S+) \(latency\) -> (\S+)", out)
     assert m and Path(m[2]) == repo / "digits" / "1"
     runner = kiln.load(m[2])

@@ -168,10 +168,9 @@ def _build(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import uvicorn
-
     from kiln.server.app import create_app
     from kiln.server.dataplane import DataPlane
+    from kiln.server.run import run
 
     overrides = {
         "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "max_queue_size": args.max_queue_size,
@@ -187,9 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
                      access_log=args.access_log or args.log_json, log_json=args.log_json)
     print(f"kiln serve: {', '.join(names)} on http://{args.host}:{args.port} (ready at /v2/health/ready once warm)",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=int(args.grace_s), lifespan="on")
-    uvicorn.Server(config).run()
+    run(app, host=args.host, port=args.port, grace_s=args.grace_s)
     for name, err in plane.errors.items():
         print(f"model {name} failed to load: {err}", file=sys.stderr)
     return 0

@@ -60,7 +60,7 @@ def test_rows_count_against_max_batch_size() -> None:
 def test_window_opens_at_first_request() -> None:
     async def main() -> None:
         rec = Recorder()
-        b = Batcher(rec, max_batch_size=64, max_delay_ms=150)
+        b = Batcher(rec, max_batch_size=64, max_delay_ms=150, adaptive=False)
         b.start()
         first = asyncio.create_task(b.submit("a"))
         await asyncio.sleep(0.05)
@@ -71,6 +71,39 @@ def test_window_opens_at_first_request() -> None:
         assert rec.calls == [["a", "b"]]
         # the window closed ~150 ms after "a", i.e. ~100 ms after "b": not a fresh 150 ms from "b"
         assert waited < 0.14, waited
+        await b.stop()
+
+    run(main())
+
+
+def test_adaptive_lone_request_does_not_wait() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = Batcher(rec, max_batch_size=64, max_delay_ms=2000)
+        b.start()
+        t0 = time.monotonic()
+        for i in range(3):  # one client, one request at a time
+            assert await b.submit(i) == f"out:{i}"
+        assert time.monotonic() - t0 < 1.0 and rec.calls == [[0], [1], [2]]
+        await b.stop()
+
+    run(main())
+
+
+def test_adaptive_waits_for_known_concurrency() -> None:
+    """Four clients in lock-step: after the first round the batcher expects four and waits for all."""
+    async def main() -> None:
+        rec = Recorder(delay_s=0.01)
+        b = Batcher(rec, max_batch_size=64, max_delay_ms=500)
+        b.start()
+
+        async def client(c: int) -> None:
+            for i in range(5):
+                await asyncio.sleep(0.002 * c)  # staggered arrivals
+                await b.submit((c, i))
+
+        await asyncio.gather(*(client(c) for c in range(4)))
+        assert max(len(c) for c in rec.calls) == 4 and len(rec.calls) <= 10
         await b.stop()
 
     run(main())

@@ -3,6 +3,10 @@
 The batcher knows nothing of HTTP or backends. Every request gets a Future. The delay window opens
 when the first request of a batch arrives (not when collection starts). A batch that fails is
 retried one request at a time so that a bad request fails alone.
+
+Waiting is adaptive: the batcher remembers the peak number of concurrent requests over the last
+100-200 ms, and stops waiting once a batch holds that many requests, since nobody else can arrive
+(clients wait for their answers). A lone client therefore never pays the delay window.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class Batcher:
 
     def __init__(self, handler: Handler, *, max_batch_size: int = 32, max_delay_ms: float = 2.0,
                  max_queue_size: int = 1024, preferred_batch_sizes: Sequence[int] = (), instances: int = 1,
-                 observer: Callable[[BatchInfo], None] | None = None) -> None:
+                 adaptive: bool = True, observer: Callable[[BatchInfo], None] | None = None) -> None:
         if max_batch_size < 1 or max_delay_ms < 0 or max_queue_size < 1 or instances < 1:
             raise ValueError("max_batch_size, max_queue_size and instances must be >= 1, max_delay_ms >= 0")
         self.handler = handler
@@ -68,12 +72,16 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.preferred = frozenset(preferred_batch_sizes)
         self.instances = instances
+        self.adaptive = adaptive
         self.observer = observer
         self._queue: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._running = 0
+        self._outstanding = 0  # submitted, not yet answered
+        self._peak = [0, 0]  # peak outstanding in the previous and the current 100 ms
+        self._peak_at = 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -114,14 +122,24 @@ class Batcher:
         now = time.monotonic()
         item = _Item(payload, rows, key, loop.create_future(), now, now + timeout_s if timeout_s else None)
         self._queue.append(item)
+        self._outstanding += 1
+        if now - self._peak_at > 0.1:
+            self._peak = [self._peak[1], 0]
+            self._peak_at = now
+        self._peak[1] = max(self._peak[1], self._outstanding)
         self._wakeup.set()
-        if timeout_s is None:
-            return await item.future
-        timer = loop.call_later(timeout_s, self._expire, item, timeout_s)
+        timer = loop.call_later(timeout_s, self._expire, item, timeout_s) if timeout_s else None
         try:
             return await item.future
         finally:
-            timer.cancel()
+            self._outstanding -= 1
+            if timer is not None:
+                timer.cancel()
+
+    @property
+    def expected_concurrency(self) -> int:
+        """Peak concurrent requests seen recently: more than this cannot join a batch."""
+        return max(self._peak)
 
     @staticmethod
     def _expire(item: _Item, timeout_s: float) -> None:
@@ -155,6 +173,8 @@ class Batcher:
                 rows += item.rows
                 continue
             if rows in self.preferred or self._closing:
+                break
+            if self.adaptive and len(batch) >= self.expected_concurrency - self._running:
                 break
             remaining = window_end - time.monotonic()
             if remaining <= 0:

@@ -18,6 +18,9 @@ class ModelConfig(BaseModel):
     """Most rows one execution takes; a request with more rows is refused with 400."""
     max_delay_ms: float = Field(2.0, ge=0)
     """How long a batch waits for company, counted from its first request's arrival."""
+    adaptive_batching: bool = True
+    """Stop waiting once a batch holds as many requests as were recently in flight at once (a lone
+    client never waits); false waits out max_delay_ms whenever the batch is not full."""
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     """Row counts at which a batch runs at once instead of waiting out max_delay_ms."""
     max_queue_size: int = Field(1024, ge=1)

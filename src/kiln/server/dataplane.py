@@ -153,7 +153,7 @@ class DataPlane:
             "name": name, "platform": f"kiln_{m.variant.split('/')[0]}", "backend": "kiln",
             "max_batch_size": c.max_batch_size if batched else 0,
             "input": tensors(m.inputs), "output": tensors(m.outputs),
-            "dynamic_batching": {"preferred_batch_size": c.preferred_batch_sizes,
+            "dynamic_batching": {"preferred_batch_size": c.preferred_batch_sizes, "adaptive": c.adaptive_batching,
                                  "max_queue_delay_microseconds": int(c.max_delay_ms * 1000),
                                  "default_queue_policy": {"max_queue_size": c.max_queue_size,
                                                           "default_timeout_microseconds": int(c.timeout_ms * 1000)}},

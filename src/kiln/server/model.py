@@ -86,6 +86,7 @@ class ServedModel:
         self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size if self.batched else 1,
                                max_delay_ms=c.max_delay_ms, max_queue_size=c.max_queue_size,
                                preferred_batch_sizes=c.preferred_batch_sizes, instances=len(self.runners),
+                               adaptive=c.adaptive_batching,
                                observer=self._observe)
         self.batcher.start()
         self.ready = True

@@ -1,0 +1,57 @@
+"""`kiln serve` as a subprocess: readiness, JSON access log, SIGTERM drains in-flight requests."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from .conftest import free_port
+
+
+def test_sigterm_drains_in_flight_requests(serve_repo: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port),
+                             "--models", "slow,digits", "--grace-s", "20", "--log-json", "--max-queue-size", "16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.2)
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+        def call(_: int) -> httpx.Response:
+            return httpx.post(f"{url}/v2/models/slow/infer", json=body, timeout=30)
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(call, i) for i in range(4)]  # 4 x 300 ms, one at a time
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 4
+        assert all(r.json()["outputs"][0]["data"] == [2, 3, 4, 5] for r in responses)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "slow version 1 (eager/fp32, 1 instance(s)) ready" in err
+    lines = [json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
+    infer = [ln for ln in lines if ln["path"] == "/v2/models/slow/infer"]
+    assert len(infer) == 4 and all(ln["status"] == 200 and ln["ms"] > 0 for ln in infer)
+    assert np.isfinite([ln["ms"] for ln in lines]).all()
