@@ -99,3 +99,14 @@ def test_bad_paths_and_manifests(copy: Path, tmp_path: Path) -> None:
     (copy / "kiln.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(kiln.KilnError, match="format 99"):
         kiln.load(str(copy))
+
+
+def test_unavailable_device_is_a_clear_error(built: Callable[[str], kiln.BuildResult]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(kiln.KilnError, match="no CUDA GPU on this machine"):
+        kiln.load(str(built("MLP").path), device="cuda:0")
+    with pytest.raises(kiln.KilnError, match="unknown device 'tpu'"):
+        kiln.load(str(built("MLP").path), device="tpu")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import backends
+from kiln.backends.common import Skip
 from kiln.errors import KilnError
 from kiln.runner import Runner
 from kiln.source import sha256_file
@@ -138,7 +139,11 @@ def load(path: str | Path, *, device: str = "cpu", variant: str | None = None) -
                         hint="rebuild the model with the libraries installed here, or install the versions it was built with")
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
-    runner: Runner = backend.load(directory, meta, inputs, outputs, device=device)
+    try:
+        runner: Runner = backend.load(directory, meta, inputs, outputs, device=device)
+    except Skip as e:
+        raise KilnError(f"cannot load {entry['variant']} on {device}: {e}",
+                        hint="pick another device, or another variant with variant=...") from None
     runner.variant = entry["variant"]
     runner.info.update(model=manifest["name"], version=manifest["version"])
     return runner

@@ -264,3 +264,33 @@ def test_api_key(serve_repo: Path, digits: tuple) -> None:
         r = httpx.post(f"{s.url}/v2/models/digits/infer", json=v2("image", digits[0][:1]),
                        headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 200
+
+
+def test_instances_run_batches_in_parallel(serve_repo: Path) -> None:
+    """Two instances of a 300 ms model answer two concurrent requests in about 300 ms, not 600."""
+    plane = DataPlane(serve_repo, only=["slow"], overrides={"instances": 2, "max_batch_size": 1})
+    with ServerThread(create_app(plane)) as s:
+        assert httpx.get(f"{s.url}/v2/models/slow/config").json()["instance_group"][0]["count"] == 2
+        x = np.zeros((1, 4), np.float32)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{s.url}/v2/models/slow/infer", json=v2("x", x), timeout=30).status_code, range(2)))
+        assert codes == [200, 200] and time.monotonic() - t0 < 0.55
+
+
+def test_model_that_cannot_load_is_reported(serve_repo: Path) -> None:
+    """A model whose device is missing: the rest of the repository serves; the index says why."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    plane = DataPlane(serve_repo, only=["digits", "two"], overrides={"devices": None})
+    (serve_repo / "two" / "config.toml").write_text('devices = ["cuda:0"]\n')
+    try:
+        with ServerThread(create_app(plane)) as s:
+            index = {m["name"]: m for m in httpx.post(f"{s.url}/v2/repository/index").json()}
+            assert index["digits"]["state"] == "READY"
+            assert index["two"]["state"] == "UNAVAILABLE" and "no CUDA GPU" in index["two"]["reason"]
+            assert httpx.get(f"{s.url}/v2/models/two").status_code == 404
+    finally:
+        (serve_repo / "two" / "config.toml").unlink()
