@@ -102,3 +102,10 @@ def test_onnx_source_reads_its_signature(tmp_path: Path) -> None:
             assert c.status == "skipped" and "runs only on onnxruntime" in c.reason
     x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
     np.testing.assert_allclose(kiln.load(str(r.path))(features=x), m(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_build_without_gpu_is_refused(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(kiln.KilnError, match="no CUDA GPU"):
+        kiln.build(f"{ZOO}:MLP", inputs=zoo.SPECS["MLP"], repo=tmp_path, device="cuda")

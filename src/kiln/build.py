@@ -94,6 +94,8 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
         raise KilnError(f"unknown objective {objective!r}", hint="use latency or throughput")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise KilnError(f"bad batch sizes {list(batch_sizes)}", hint="give positive sizes, e.g. --batch 1,32")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KilnError(f"--device {device} but this machine has no CUDA GPU", hint="build with --device cpu, or on a GPU machine")
     names = list(backend_names or backends.ORDER)
     for n in names:
         backends.get(n)

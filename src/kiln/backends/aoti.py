@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,31 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
     if isinstance(module, torch.jit.ScriptModule):
         raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
     check_device(subject.device)
+    if subject.device != "cpu":
+        module = copy.deepcopy(module)  # .to() is in place: the other backends still need the CPU module
     ep = export_program(FlatModel(module).eval(), subject)
     torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / FILE))
+    if subject.device != "cpu":
+        probe_load(directory / FILE, subject.device)
     return {"file": FILE, "device": subject.device.split(":")[0], "torch": torch.__version__.split("+")[0]}
+
+
+def probe_load(path: Path, device: str) -> None:
+    """Load the package in a child process first: on some torch/driver combinations loading a CUDA
+    package segfaults (seen with torch 2.11+cu130 on an H200), which would take the build down with it."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    code = f"import torch; torch._inductor.aoti_load_package({str(path)!r}, device_index={index})"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise KilnError("loading the AOTInductor package hung for 10 minutes in a test process",
+                        hint="rely on the other variants") from None
+    if p.returncode != 0:
+        how = f"signal {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit code {p.returncode}"
+        tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1:] or [""]
+        raise KilnError(f"the AOTInductor package crashed on load in a test process ({how}) with torch "
+                        f"{torch.__version__} on {device} {tail[0][:200]}".rstrip(),
+                        hint="a torch/driver problem; rely on the other variants or try another torch release")
 
 
 def export_program(flat: torch.nn.Module, subject: Subject) -> torch.export.ExportedProgram:
