@@ -180,6 +180,10 @@ def _serve(args: argparse.Namespace) -> int:
     plane = DataPlane(Path(args.repo), overrides=overrides, only=args.models.split(",") if args.models else None,
                       drain_s=args.grace_s)
     names = plane.available()
+    unknown = sorted(set(args.models.split(",")) - set(names)) if args.models else []
+    if unknown:
+        everything = DataPlane(Path(args.repo)).available()
+        raise KilnError(f"no model {', '.join(unknown)} in {args.repo}", hint=f"the repository has {', '.join(everything) or 'no built models'}")
     if not names:
         raise KilnError(f"no built models in {args.repo}", hint="build one with kiln build ... --repo " + args.repo)
     app = create_app(plane, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),

@@ -55,3 +55,11 @@ def test_sigterm_drains_in_flight_requests(serve_repo: Path) -> None:
     infer = [ln for ln in lines if ln["path"] == "/v2/models/slow/infer"]
     assert len(infer) == 4 and all(ln["status"] == 200 and ln["ms"] > 0 for ln in infer)
     assert np.isfinite([ln["ms"] for ln in lines]).all()
+
+
+def test_serve_refuses_unknown_models_and_missing_repos(serve_repo: Path, tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--models", "digits,nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "no model nope" in p.stderr and "the repository has" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "model repository not found" in p.stderr and "Traceback" not in p.stderr
