@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -65,10 +66,10 @@ def test_inspect(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
 
 def test_help_lists_commands_with_examples() -> None:
     p = run(sys.executable, "-m", "kiln", "--help")
-    assert p.returncode == 0 and "build" in p.stdout and "inspect" in p.stdout
-    for cmd in ("build", "inspect"):
+    assert p.returncode == 0 and all(c in p.stdout for c in ("build", "inspect", "serve", "bench", "profile"))
+    for cmd in ("build", "inspect", "serve", "bench", "profile"):
         p = run(sys.executable, "-m", "kiln", cmd, "--help")
-        assert p.returncode == 0 and "example:" in p.stdout
+        assert p.returncode == 0 and re.search(r"^examples?:", p.stdout, re.M), cmd
 
 
 def test_cli_build_options(tmp_path: Path) -> None:
@@ -86,3 +87,20 @@ def test_cli_build_options(tmp_path: Path) -> None:
     p = run(str(exe[0]) if len(exe) == 1 else sys.executable, *([] if len(exe) == 1 else ["-m", "kiln"]), "build",
             "tests/zoo.py:MLP", "--input", "x:float32[batch,16]", "--batch", "0")
     assert p.returncode == 2 and "bad batch sizes" in p.stderr
+
+
+def test_bench_cli(demo: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path) -> None:
+    _, repo = demo
+    model = repo / "digits"
+    p = run(sys.executable, "-m", "kiln", "bench", str(model), "--batch", "1,8", "--min-time-s", "0.1",
+            "--html", str(tmp_path / "b.html"), "--csv", str(tmp_path / "b.csv"), "--serving", "--p99-ms", "50", "-q")
+    assert p.returncode == 0, p.stderr
+    assert "p50 ms @8" in p.stdout and "items/s @8" in p.stdout and "memory MB" in p.stdout
+    assert (tmp_path / "b.html").stat().st_size > 5000 and (tmp_path / "b.csv").read_text().startswith("variant,batch")
+    assert "serving advice" in p.stderr and "max_batch_size = 8" in (model / "config.toml").read_text()
+    p = run(sys.executable, "-m", "kiln", "bench", str(model), "--batch", "2", "--min-time-s", "0.05", "--json", "-", "-q")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["batch_sizes"] == [2] and all(v["timings"][0]["p50_ms"] > 0 for v in doc["variants"])
+    p = run(sys.executable, "-m", "kiln", "bench", str(model), "--serving")
+    assert p.returncode == 2 and "--p99-ms" in p.stderr

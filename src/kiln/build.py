@@ -24,6 +24,7 @@ from kiln.backends.common import Skip, Subject, first_line
 from kiln.bench.timing import Timing, time_runner
 from kiln.data import VerifyData, batch_dim, timing_inputs, verification_data
 from kiln.errors import KilnError
+from kiln.progress import Reporter, Silent
 from kiln.runner import Runner
 from kiln.signature import FlatModel, discover_outputs, example_inputs
 from kiln.source import ModelSource, load_module
@@ -31,6 +32,7 @@ from kiln.spec import TensorSpec, load_toml_specs
 from kiln.verify import Budget, compare, judge, to_dict
 
 Objective = Literal["latency", "throughput"]
+_STEPS = 4  # per variant: export, load, verify, time
 Status = Literal["accepted", "rejected", "skipped", "failed"]
 
 
@@ -80,7 +82,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
           name: str | None = None, repo: str | Path = "models", data: str | Path | None = None,
           budget: Budget | None = None, batch_sizes: Sequence[int] = (1, 32), objective: Objective = "latency",
           backend_names: Sequence[str] | None = None, device: str = "cpu", dim_sizes: dict[str, int] | None = None,
-          log: Callable[[str], None] | None = None) -> BuildResult:
+          progress: Reporter | None = None, report: bool = True) -> BuildResult:
     """Build, verify and select; write repo/<name>/<version>/ and return what happened.
 
     >>> result = kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors",
@@ -88,7 +90,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     >>> result.selected
     'onnxruntime/fp32'
     """
-    say = log or (lambda _msg: None)
+    prog = progress or Silent()
     budget = budget or Budget()
     if objective not in ("latency", "throughput"):
         raise KilnError(f"unknown objective {objective!r}", hint="use latency or throughput")
@@ -118,13 +120,14 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
             sess = ortb.session(src.path)  # type: ignore[arg-type]
             reference = _onnx_reference(sess, in_specs, out_specs)
         verify = verification_data(in_specs, Path(data) if data else None)
-        say(f"verifying against fp32 {'eager' if module is not None else 'onnxruntime'} on {verify.description}")
+        prog.start(len(names) * _STEPS)
+        prog.note(f"verifying against fp32 {'eager' if module is not None else 'onnxruntime'} on {verify.description}")
         ref_out = [[o.numpy(force=True) for o in reference(b)] for b in verify.batches]
         subject = Subject(src, module, in_specs, out_specs, example_inputs(in_specs), device)
         sizes = sorted(set(batch_sizes)) if batch_dim(in_specs) else [1]
         with tempfile.TemporaryDirectory(prefix="kiln-build-") as tmp:
             candidates = [
-                _try_variant(n, subject, Path(tmp) / n, verify, ref_out, budget, sizes, dim_sizes or {}, say)
+                _try_variant(n, subject, Path(tmp) / n, verify, ref_out, budget, sizes, dim_sizes or {}, prog)
                 for n in names
             ]
             accepted = [c for c in candidates if c.status == "accepted"]
@@ -132,6 +135,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
             result = BuildResult(name, None, None, selected.variant if selected else None, objective, candidates,
                                  in_specs, out_specs, verify.description, sizes, src.notes + subject.notes)
             if selected is None:
+                prog.close()
                 return result
             version, vdir = repository.new_version_dir(Path(repo), name)
             for c in accepted:
@@ -140,27 +144,32 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
         result.version, result.path = version, vdir
         result.manifest = _manifest(result, src, budget, device)
         repository.write_manifest(vdir, result.manifest)
-    say(f"selected {result.selected} -> {vdir}")
+        if report:
+            from kiln.report import from_manifest, write_html
+
+            write_html(from_manifest(result.manifest), vdir / "report.html")
+    prog.close()
     return result
 
 
 def _try_variant(backend_name: str, subject: Subject, staged: Path, verify: VerifyData, ref_out: list[list[np.ndarray]],
-                 budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int], say: Callable[[str], None]) -> Candidate:
+                 budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int], prog: Reporter) -> Candidate:
     backend = backends.get(backend_name)
     c = Candidate(f"{backend_name}/fp32", backend_name)
     staged.mkdir(parents=True)
     before = len(subject.notes)
+    steps = iter(("exporting", "loading the artifact back", "verifying", f"timing at batch {', '.join(map(str, batch_sizes))}"))
     try:
-        say(f"{c.variant}: exporting")
+        prog.step(c.variant, next(steps))
         t0 = time.perf_counter()
         meta = backend.export(subject, staged, options={})
         c.export_s = time.perf_counter() - t0
-        say(f"{c.variant}: loading the artifact back")
+        prog.step(c.variant, next(steps))
         t0 = time.perf_counter()
         runner: Runner = backend.load(staged, meta, subject.inputs, subject.outputs, device=subject.device)
         c.load_s = time.perf_counter() - t0
         c.artifact = meta
-        say(f"{c.variant}: verifying")
+        prog.step(c.variant, next(steps))
         try:
             got = [[o.numpy(force=True) for o in runner.run(b)] for b in verify.batches]
         except Exception as e:
@@ -171,7 +180,7 @@ def _try_variant(backend_name: str, subject: Subject, staged: Path, verify: Veri
         if problems:
             c.status, c.reason = "rejected", "; ".join(problems)
             return c
-        say(f"{c.variant}: timing at batch {', '.join(map(str, batch_sizes))}")
+        prog.step(c.variant, next(steps))
         for b in batch_sizes:
             c.timings.append(time_runner(runner, timing_inputs(subject.inputs, b, verify, dim_sizes), batch=b))
         c.status = "accepted"
@@ -184,7 +193,9 @@ def _try_variant(backend_name: str, subject: Subject, staged: Path, verify: Veri
     finally:
         c.notes = subject.notes[before:]
         del subject.notes[before:]
-    say(f"{c.variant}: {c.status}{' - ' + c.reason if c.reason else ''}")
+        for _ in steps:  # a variant that stopped early still counts its steps as done
+            prog.step(c.variant, c.status)
+    prog.note(f"{c.variant}: {c.status}{' - ' + c.reason if c.reason else ''}")
     return c
 
 

@@ -32,6 +32,16 @@ Per-model settings live in models/<name>/config.toml (max_batch_size, max_delay_
 preferred_batch_sizes, max_queue_size, timeout_ms, instances, devices, version, variant);
 the options below override them for every model."""
 
+_BENCH_EXAMPLE = """examples:
+  kiln bench models/digits --batch 1,8,32 --html report.html
+  kiln bench models/digits --variants onnxruntime/fp32,aoti/fp32 --threads 1 --json -
+  kiln bench models/digits --serving --p99-ms 20      # writes max_batch_size, max_delay_ms to config.toml
+  kiln bench examples/digits/model.py:DigitsNet --weights examples/digits/digits.safetensors  # builds first"""
+
+_PROFILE_EXAMPLE = """examples:
+  kiln profile models/digits --batch 32
+  kiln profile models/digits --variant eager/fp32 --trace trace.json --memory"""
+
 _INSPECT_EXAMPLE = """example:
   kiln inspect models/digits          # latest version
   kiln inspect models/digits/1 --json"""
@@ -90,6 +100,37 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
     s.add_argument("--log-json", action="store_true", help="access log as JSON lines (implies --access-log)")
 
+    be = sub.add_parser("bench", help="latency, throughput, memory and accuracy of every variant",
+                        description="Benchmark the accepted variants of a built model (or build a source first).",
+                        epilog=_BENCH_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    be.add_argument("path", help="repo/<model>[/<version>], or a source as kiln build takes it")
+    be.add_argument("--variants", help="comma-separated variants (default: every accepted one)")
+    be.add_argument("--batch", default="1,8,32", help="batch sizes (default: 1,8,32)")
+    be.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: all cores)")
+    be.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    be.add_argument("--data", help=".npz to recompute accuracy against eager/fp32 (default: the build's numbers)")
+    be.add_argument("--min-time-s", type=float, default=0.5, help="time spent per batch size per variant (default: 0.5)")
+    be.add_argument("--json", metavar="FILE", help="write results as JSON ('-' for stdout)")
+    be.add_argument("--csv", metavar="FILE", help="write one row per variant and batch size ('-' for stdout)")
+    be.add_argument("--html", metavar="FILE", help="write the self-contained HTML report")
+    be.add_argument("--serving", action="store_true", help="derive max_batch_size and max_delay_ms for --p99-ms")
+    be.add_argument("--p99-ms", type=float, help="p99 latency target for --serving")
+    be.add_argument("--weights", help="with a source: its weights")
+    be.add_argument("--input", action="append", dest="inputs", metavar="SPEC", help="with a source: input specs")
+    be.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
+    pr = sub.add_parser("profile", help="where the time goes: top operators, a trace, a memory timeline",
+                        description="Profile one variant: torch.profiler for torch variants, ONNX Runtime's profiler for ONNX.",
+                        epilog=_PROFILE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("path", help="repo/<model>[/<version>]")
+    pr.add_argument("--variant", help="variant to profile (default: the selected one)")
+    pr.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    pr.add_argument("--steps", type=int, default=20, help="profiled runs after warm-up (default: 20)")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    pr.add_argument("--top", type=int, default=15, help="operators to list (default: 15)")
+    pr.add_argument("--trace", metavar="FILE", help="write a Chrome trace (chrome://tracing, ui.perfetto.dev)")
+    pr.add_argument("--memory", action="store_true", help="print a peak-memory timeline")
+
     i = sub.add_parser("inspect", help="show a built model: versions, specs, variants",
                        description="Show a built model's manifest: source, TensorSpecs, every candidate variant.",
                        epilog=_INSPECT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _build(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "profile":
+            return _profile(args)
         return _inspect(args)
     except KilnError as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -141,15 +186,15 @@ def _build(args: argparse.Namespace) -> int:
     from kiln.table import variants_table
     from kiln.verify import Budget
 
+    from kiln.progress import reporter
+
     console = _console()
-    err = sys.stderr  # bound now: the build silences sys.stderr while exporters chatter
-    log = None if args.quiet else (lambda msg: print(f"  {msg}", file=err, flush=True))
     result = build(
         args.source, weights=args.weights, inputs=args.inputs, name=args.name, repo=args.repo, data=args.data,
         budget=Budget(tolerance=args.tolerance, min_cosine=args.min_cosine),
         batch_sizes=_int_list(args.batch, "--batch"), objective=args.objective,
         backend_names=args.backends.split(",") if args.backends else None, device=args.device,
-        dim_sizes=_dim_sizes(args.dim_size), log=log,
+        dim_sizes=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),
     )
     console.print(f"[bold]{result.name}[/bold]  inputs: {escape(', '.join(map(str, result.inputs)))}  "
                   f"outputs: {escape(', '.join(map(str, result.outputs)))}")
@@ -162,6 +207,7 @@ def _build(args: argparse.Namespace) -> int:
         print("  hint: look at the reasons above; loosen --tolerance only if the errors are acceptable", file=sys.stderr)
         return 1
     console.print(f"selected [bold]{result.selected}[/bold] ({result.objective}) -> {result.path}", highlight=False)
+    console.print(f"report: {result.path / 'report.html'}", highlight=False)  # type: ignore[operator]
     return 0
 
 
@@ -193,6 +239,91 @@ def _serve(args: argparse.Namespace) -> int:
     run(app, host=args.host, port=args.port, grace_s=args.grace_s)
     for name, err in plane.errors.items():
         print(f"model {name} failed to load: {err}", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from kiln.bench.advice import advise, write_config
+    from kiln.bench.run import bench, median_curve, report_data, rows, to_csv
+    from kiln.progress import reporter
+    from kiln.report import write_html
+
+    if args.serving and args.p99_ms is None:
+        raise KilnError("--serving needs a latency target", hint="add --p99-ms, e.g. --p99-ms 20")
+    path = args.path
+    if not Path(path).exists() or Path(path).suffix in (".pt", ".pt2", ".onnx", ".pth"):
+        from kiln.build import build
+
+        tmp = tempfile.mkdtemp(prefix="kiln-bench-")
+        result = build(path, weights=args.weights, inputs=args.inputs, repo=tmp, data=args.data, device=args.device,
+                       progress=reporter(quiet=args.quiet))
+        if result.path is None:
+            raise KilnError("no variant passed verification", hint="run kiln build to see why")
+        path = str(result.path)
+    r = bench(path, variants=args.variants.split(",") if args.variants else None, batch_sizes=_int_list(args.batch, "--batch"),
+              threads=args.threads, device=args.device, data=args.data, min_time_s=args.min_time_s,
+              progress=reporter(quiet=args.quiet))
+    console = _console()
+    table = Table()
+    table.add_column("")
+    for v in r.variants:
+        table.add_column(escape(v.variant + (" *" if v.selected else "")), justify="right")
+    for label, cells in rows(r):
+        table.add_row(label, *cells)
+    failed = [v for v in r.variants if v.status != "accepted"]
+    if args.json != "-" and args.csv != "-":
+        console.print(f"{r.model} v{r.version} on {r.device}, {r.threads} thread(s); accuracy {r.accuracy_source}",
+                      highlight=False)
+        console.print(table)
+        for v in failed:
+            console.print(f"[red]{escape(v.variant)} failed: {escape(v.reason)}[/red]")
+    if args.json:
+        text = json.dumps(r.to_dict(), indent=2)
+        print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+    if args.csv:
+        text = to_csv(r)
+        print(text, end="") if args.csv == "-" else Path(args.csv).write_text(text)
+    if args.html:
+        write_html(report_data(r), Path(args.html))
+        print(f"report: {args.html}", file=sys.stderr)
+    if args.serving:
+        target = next((v for v in r.variants if v.selected and v.status == "accepted"), None) or \
+            next((v for v in r.variants if v.status == "accepted"), None)
+        if target is None:
+            raise KilnError("no variant could be timed", hint="see the reasons above")
+        advice = advise(median_curve(target), args.p99_ms)
+        f = write_config(r.path.parent, advice)
+        print(f"serving advice for {target.variant}: max_batch_size = {advice.max_batch_size}, "
+              f"max_delay_ms = {advice.max_delay_ms} ({advice.reason}) -> {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from kiln.profile import profile
+
+    result = profile(args.path, variant=args.variant, batch=args.batch, steps=args.steps, device=args.device,
+                     trace=args.trace, memory=args.memory)
+    console = _console()
+    from rich.table import Table
+
+    console.print(f"{result.variant} at batch {args.batch}: top operators by self time over {args.steps} runs "
+                  f"({result.profiler})", highlight=False)
+    t = Table()
+    for col in ("operator", "self ms", "self %", "calls"):
+        t.add_column(col, justify="left" if col == "operator" else "right")
+    total = sum(o.self_ms for o in result.ops) or 1.0
+    for o in result.ops[: args.top]:
+        t.add_row(escape(o.name), f"{o.self_ms:.3f}", f"{100 * o.self_ms / total:.1f}", str(o.calls))
+    console.print(t)
+    if result.trace:
+        console.print(f"trace: {result.trace} (open in chrome://tracing or ui.perfetto.dev)", highlight=False)
+    if result.memory:
+        console.print(result.memory, highlight=False)
     return 0
 
 

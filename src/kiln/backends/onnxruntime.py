@@ -77,9 +77,12 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
 
 
 
-def session(path: Path, *, device: str = "cpu", threads: int = 0) -> Any:
+def session(path: Path, *, device: str = "cpu", threads: int = 0, profile_prefix: str | None = None) -> Any:
     ort = _ort()
     opts = ort.SessionOptions()
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3

@@ -18,6 +18,7 @@ class Timing:
     p90_ms: float
     items_per_s: float
     repeats: int
+    p99_ms: float = 0.0
 
 
 def time_runner(runner: Runner, inputs: list[torch.Tensor], *, batch: int, warmup: int = 5,
@@ -38,5 +39,10 @@ def time_runner(runner: Runner, inputs: list[torch.Tensor], *, batch: int, warmu
         samples.append(time.perf_counter() - t0)
     samples.sort()
     p50 = statistics.median(samples)
-    p90 = samples[min(len(samples) - 1, int(0.9 * len(samples)))]
-    return Timing(batch, p50 * 1e3, p90 * 1e3, batch / p50, len(samples))
+    p90 = _quantile(samples, 0.90)
+    p99 = _quantile(samples, 0.99)
+    return Timing(batch, p50 * 1e3, p90 * 1e3, batch / p50, len(samples), p99 * 1e3)
+
+
+def _quantile(sorted_samples: list[float], q: float) -> float:
+    return sorted_samples[min(len(sorted_samples) - 1, int(q * len(sorted_samples)))]

@@ -1,0 +1,87 @@
+"""Progress for long jobs: a rich bar on a terminal, plain lines otherwise, nothing with --quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Protocol
+
+
+class Reporter(Protocol):
+    def start(self, total: int) -> None: ...
+    def step(self, variant: str, what: str) -> None: ...
+    def note(self, message: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Silent:
+    def start(self, total: int) -> None:
+        pass
+
+    def step(self, variant: str, what: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Lines:
+    """`[ 3/20  12.4s, ~41s left] aoti/fp32: exporting` lines, for logs and pipes."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = 0
+        self.done = 0
+        self.t0 = time.perf_counter()
+
+    def start(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def step(self, variant: str, what: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        left = f", ~{elapsed / self.done * (self.total - self.done):.0f}s left" if self.done and self.total > self.done else ""
+        print(f"  [{self.done + 1:>2}/{self.total} {elapsed:5.1f}s{left}] {variant}: {what}", file=self.stream, flush=True)
+        self.done = min(self.total, self.done + 1)
+
+    def note(self, message: str) -> None:
+        print(f"  {message}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class Bar:
+    """A rich progress bar: current variant and step, elapsed time, estimated time left."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                 console=Console(file=stream or sys.stderr), transient=True)
+        self.task = self.progress.add_task("starting", total=1)
+
+    def start(self, total: int) -> None:
+        self.progress.update(self.task, total=total, completed=0)
+        self.progress.start()
+
+    def step(self, variant: str, what: str) -> None:
+        self.progress.update(self.task, description=f"{variant}: {what}", advance=1)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"  {message}", highlight=False, markup=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def reporter(*, quiet: bool = False, stream: IO[str] | None = None) -> Reporter:
+    """The right reporter for where output goes. Bind the stream now: builds silence sys.stderr."""
+    stream = stream or sys.stderr
+    if quiet:
+        return Silent()
+    return Bar(stream) if stream.isatty() else Lines(stream)

@@ -1,0 +1,207 @@
+"""The HTML report: one self-contained file (inline CSS, data and SVG-drawing script; no network)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+
+def from_manifest(m: dict[str, Any]) -> dict[str, Any]:
+    """Report data from a build manifest (timings at the build's batch sizes)."""
+    variants = []
+    for c in m.get("candidates", []):
+        art = c.get("artifact") or {}
+        variants.append({
+            "variant": c["variant"], "status": c.get("status", "?"), "reason": c.get("reason", ""),
+            "selected": c["variant"] == m.get("selected"), "timings": c.get("timings", []),
+            "load_s": c.get("load_s"), "size_bytes": art.get("bytes"), "memory_mb": None,
+            "accuracy": summarize_accuracy(c.get("accuracy", [])), "notes": c.get("notes", []),
+        })
+    return {
+        "title": f"{m['name']} v{m['version']}", "kind": "build", "model": m["name"], "version": m["version"],
+        "created": m.get("created"), "selected": m.get("selected"), "objective": m.get("objective"),
+        "source": m.get("source", {}).get("text"), "inputs": [_spec(s) for s in m.get("inputs", [])],
+        "outputs": [_spec(s) for s in m.get("outputs", [])], "verification": m.get("verification", {}).get("data"),
+        "batch_sizes": m.get("batch_sizes", []), "variants": variants,
+        "environment": {**m.get("device", {}), **{f"lib {k}": v for k, v in m.get("libraries", {}).items()}},
+        "notes": m.get("notes", []),
+    }
+
+
+def summarize_accuracy(checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Worst case over outputs; classifier numbers from the first output."""
+    if not checks:
+        return {}
+    first = checks[0]
+    out: dict[str, Any] = {"max_rel_err": max(c["max_rel_err"] for c in checks), "cosine": min(c["cosine"] for c in checks)}
+    for k in ("top1_agreement", "accuracy", "reference_accuracy"):
+        if first.get(k) is not None:
+            out[k] = first[k]
+    if "accuracy" in out and "reference_accuracy" in out:
+        out["accuracy_delta"] = out["accuracy"] - out["reference_accuracy"]
+    return out
+
+
+def _spec(d: dict[str, Any]) -> str:
+    return f"{d['name']}:{d['dtype']}[{','.join(map(str, d['shape']))}]"
+
+
+def write_html(data: dict[str, Any], path: Path) -> Path:
+    path.write_text(render(data))
+    return path
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    if v is None or v == "":
+        return "&ndash;"
+    if isinstance(v, float) and spec:
+        return format(v, spec)
+    return html.escape(str(v))
+
+
+def _timing(v: dict[str, Any], batch: int, key: str) -> float | None:
+    return next((t[key] for t in v.get("timings", []) if t["batch"] == batch and key in t), None)
+
+
+def render(data: dict[str, Any]) -> str:
+    e = html.escape
+    sizes = data.get("batch_sizes") or [1]
+    small, large = sizes[0], sizes[-1]
+    rows = []
+    for v in data["variants"]:
+        acc = v.get("accuracy") or {}
+        status = v["status"]
+        badge = f'<span class="badge {e(status)}">{e(status)}</span>' + (' <span class="badge selected">selected</span>' if v.get("selected") else "")
+        reason = f'<div class="reason">{e(v.get("reason") or "")}</div>' if v.get("reason") else ""
+        delta = acc.get("accuracy_delta")
+        accuracy = (f'{acc["accuracy"]:.2%} <small>({delta:+.2%})</small>' if delta is not None
+                    else f'{acc["accuracy"]:.2%}' if acc.get("accuracy") is not None else "&ndash;")
+        size = v.get("size_bytes")
+        rows.append(
+            f'<tr data-variant="{e(v["variant"])}" data-status="{e(status)}"><td class="name">{e(v["variant"])}</td>'
+            f"<td>{badge}{reason}</td>"
+            f'<td class="num">{_fmt(_timing(v, small, "p50_ms"), ".3f")}</td>'
+            f'<td class="num">{_fmt(_timing(v, small, "p99_ms"), ".3f")}</td>'
+            f'<td class="num">{_fmt(_timing(v, large, "items_per_s"), ",.0f")}</td>'
+            f'<td class="num">{_fmt(v.get("memory_mb"), ".1f")}</td>'
+            f'<td class="num">{_fmt(v.get("load_s"), ".2f")}</td>'
+            f'<td class="num">{_fmt(size / 1e6 if size else None, ".2f")}</td>'
+            f'<td class="num">{_fmt(acc.get("max_rel_err"), ".1e")}</td>'
+            f'<td class="num">{_fmt(acc.get("cosine"), ".6f")}</td>'
+            f'<td class="num">{_fmt(acc.get("top1_agreement"), ".2%")}</td>'
+            f'<td class="num">{accuracy}</td></tr>')
+    env = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in data.get("environment", {}).items())
+    notes = "".join(f"<li>{e(n)}</li>" for n in data.get("notes", []) + [n for v in data["variants"] for n in v.get("notes", [])])
+    payload = json.dumps(data, default=str).replace("</", "<\\/")
+    meta = [("source", data.get("source")), ("inputs", ", ".join(data.get("inputs", []))),
+            ("outputs", ", ".join(data.get("outputs", []))), ("verified on", data.get("verification")),
+            ("objective", data.get("objective")), ("created", data.get("created"))]
+    meta_html = "".join(f"<div><dt>{e(k)}</dt><dd>{e(str(v))}</dd></div>" for k, v in meta if v)
+    return _PAGE.format(
+        title=e(f"kiln report: {data['title']}"), heading=e(data["title"]), kind=e(data.get("kind", "")),
+        selected=e(str(data.get("selected") or "none")), meta=meta_html, rows="".join(rows), env=env,
+        notes=f"<section><h2>Notes</h2><ul>{notes}</ul></section>" if notes else "", small=small, large=large,
+        payload=payload, css=_CSS, js=_JS)
+
+
+_CSS = """
+:root{--fg:#1d2330;--muted:#667085;--line:#e4e7ec;--bg:#f7f8fa;--card:#fff;--accent:#d9480f}
+*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+header{background:linear-gradient(120deg,#2b1d16,#5c2a12 60%,#d9480f);color:#fff;padding:28px 40px}
+header h1{margin:0 0 4px;font-size:26px;letter-spacing:.2px}header .sub{opacity:.85}
+header .pill{display:inline-block;background:rgba(255,255,255,.16);border-radius:999px;padding:2px 10px;margin-left:8px;font-size:13px}
+main{max-width:1280px;margin:0 auto;padding:24px 40px 60px}
+section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:18px 22px;margin:18px 0;box-shadow:0 1px 2px rgba(16,24,40,.04)}
+h2{font-size:16px;margin:0 0 12px}dl{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:6px 24px;margin:0}
+dt{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.5px}dd{margin:0 0 6px;font-family:ui-monospace,Menlo,monospace;font-size:13px;word-break:break-all}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(380px,1fr));gap:18px}
+figure{margin:0}figcaption{font-weight:600;margin-bottom:6px}svg{width:100%;height:auto;overflow:visible}
+svg text{font-size:11px;fill:var(--muted)}svg .grid{stroke:var(--line)}svg .axis{stroke:#98a2b3}
+svg .series{fill:none;stroke-width:2.2}svg .label{fill:var(--fg);font-size:11px}
+.legend{display:flex;flex-wrap:wrap;gap:6px 16px;margin-top:6px;font-size:12px}.legend span{display:inline-flex;align-items:center;gap:6px}
+.legend i{width:12px;height:12px;border-radius:3px;display:inline-block}
+table{border-collapse:collapse;width:100%}th,td{padding:7px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{font-size:12px;color:var(--muted);font-weight:600;white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.name{font-family:ui-monospace,Menlo,monospace;white-space:nowrap}tr[data-status=skipped] td,tr[data-status=failed] td{color:var(--muted)}
+.badge{display:inline-block;font-size:11px;border-radius:4px;padding:1px 7px;font-weight:600}
+.accepted{background:#e3f6ea;color:#0f6b35}.rejected{background:#fff4d6;color:#8a5a00}.skipped{background:#eef0f4;color:#586174}
+.failed{background:#fde8e8;color:#a11a1a}.selected{background:var(--accent);color:#fff}
+.reason{font-size:12px;color:var(--muted);margin-top:3px;max-width:520px}
+.env th{width:200px}.empty{color:var(--muted);font-style:italic;padding:30px 0;text-align:center}
+"""
+
+_JS = r"""
+(function(){
+const D = JSON.parse(document.getElementById('kiln-data').textContent);
+const NS = 'http://www.w3.org/2000/svg';
+const COLORS = ['#d9480f','#1971c2','#2f9e44','#7048e8','#e8590c','#0c8599','#c2255c','#5f3dc4','#66a80f'];
+const ok = D.variants.filter(v => v.status === 'accepted' && v.timings && v.timings.length);
+const color = {}; D.variants.forEach((v, i) => color[v.variant] = COLORS[i % COLORS.length]);
+function el(tag, attrs, parent){const e=document.createElementNS(NS,tag);for(const k in attrs)e.setAttribute(k,attrs[k]);if(parent)parent.appendChild(e);return e;}
+function fmt(v){if(v===0)return '0';if(Number.isInteger(v)&&Math.abs(v)<1e4)return String(v);const a=Math.abs(v);if(a>=1e4)return (v/1e3).toFixed(0)+'k';if(a>=100)return v.toFixed(0);if(a>=1)return v.toFixed(1);if(a>=0.01)return v.toFixed(3);return v.toExponential(0);}
+function scale(lo,hi,a,b,log){if(log){lo=Math.log10(lo);hi=Math.log10(hi);}if(hi===lo){hi=lo+1;}return v=>a+((log?Math.log10(v):v)-lo)/(hi-lo)*(b-a);}
+function ticks(lo,hi,log){
+  if(log){const inside=m=>{const t=[];for(let p=Math.floor(Math.log10(lo));p<=Math.ceil(Math.log10(hi));p++)for(const k of m){const x=k*Math.pow(10,p);if(x>=lo&&x<=hi)t.push(x);}return t;};
+    let t=inside([1]);if(t.length<3)t=inside([1,2,5]);if(t.length<2)t=[lo,hi];return t;}
+  const n=5,step=(hi-lo)/n;return Array.from({length:n+1},(_,i)=>lo+i*step);}
+function chart(id, series, o){
+  const host=document.getElementById(id); if(!host) return;
+  if(!series.length||!series.some(s=>s.points.length)){host.innerHTML='<div class="empty">no accepted variant was timed</div>';return;}
+  const W=520,H=300,L=62,R=16,T=12,B=42;
+  const xs=series.flatMap(s=>s.points.map(p=>p[0])), ys=series.flatMap(s=>s.points.map(p=>p[1]));
+  let x0=Math.min(...xs),x1=Math.max(...xs),y0=Math.min(...ys),y1=Math.max(...ys);
+  if(o.logX){x0/=1.25;x1*=1.25;} if(o.logY){y0/=1.5;y1*=1.5;} else {y0=0;y1*=1.12;}
+  const sx=scale(x0,x1,L,W-R,o.logX), sy=scale(y0,y1,H-B,T,o.logY);
+  const svg=el('svg',{viewBox:`0 0 ${W} ${H}`,role:'img','aria-label':o.title,'data-chart':id},host);
+  (o.xTicks||ticks(x0,x1,o.logX)).forEach(t=>{const x=sx(t);el('line',{x1:x,x2:x,y1:T,y2:H-B,class:'grid'},svg);const tx=el('text',{x:x,y:H-B+16,'text-anchor':'middle'},svg);tx.textContent=fmt(t);});
+  ticks(y0,y1,o.logY).forEach(t=>{const y=sy(t);el('line',{x1:L,x2:W-R,y1:y,y2:y,class:'grid'},svg);const ty=el('text',{x:L-8,y:y+4,'text-anchor':'end'},svg);ty.textContent=fmt(t);});
+  el('line',{x1:L,x2:W-R,y1:H-B,y2:H-B,class:'axis'},svg);el('line',{x1:L,x2:L,y1:T,y2:H-B,class:'axis'},svg);
+  const xl=el('text',{x:(L+W-R)/2,y:H-6,'text-anchor':'middle'},svg);xl.textContent=o.xLabel;
+  const yl=el('text',{x:14,y:(T+H-B)/2,'text-anchor':'middle',transform:`rotate(-90 14 ${(T+H-B)/2})`},svg);yl.textContent=o.yLabel;
+  series.forEach(s=>{
+    const pts=s.points.slice().sort((a,b)=>a[0]-b[0]);
+    if(o.lines&&pts.length>1) el('path',{d:pts.map((p,i)=>(i?'L':'M')+sx(p[0]).toFixed(1)+','+sy(p[1]).toFixed(1)).join(' '),class:'series',stroke:color[s.name],'data-variant':s.name},svg);
+    pts.forEach(p=>{const c=el('circle',{cx:sx(p[0]),cy:sy(p[1]),r:o.lines?3.5:6,fill:color[s.name],'data-variant':s.name,class:'point'},svg);
+      const tt=el('title',{},c);tt.textContent=`${s.name}: ${o.xLabel} ${fmt(p[0])}, ${o.yLabel} ${fmt(p[1])}`;
+      if(!o.lines){const lb=el('text',{x:sx(p[0])+9,y:sy(p[1])+4,class:'label'},svg);lb.textContent=s.name;}});
+  });
+  const lg=document.createElement('div');lg.className='legend';
+  series.forEach(s=>{const sp=document.createElement('span');sp.innerHTML=`<i style="background:${color[s.name]}"></i>`;sp.appendChild(document.createTextNode(s.name));lg.appendChild(sp);});
+  host.appendChild(lg);
+}
+const batches=[...new Set(ok.flatMap(v=>v.timings.map(t=>t.batch)))].sort((a,b)=>a-b);
+chart('latency', ok.map(v=>({name:v.variant,points:v.timings.map(t=>[t.batch,t.p50_ms])})),
+  {title:'p50 latency against batch size',xLabel:'batch size',yLabel:'p50 latency (ms)',logX:batches.length>1,logY:true,lines:true,xTicks:batches});
+chart('throughput', ok.map(v=>({name:v.variant,points:v.timings.map(t=>[t.batch,t.items_per_s])})),
+  {title:'throughput against batch size',xLabel:'batch size',yLabel:'items / s',logX:batches.length>1,logY:false,lines:true,xTicks:batches});
+const small=batches[0];
+chart('tradeoff', ok.filter(v=>v.accuracy&&v.accuracy.max_rel_err!==undefined).map(v=>({name:v.variant,points:[[v.timings.find(t=>t.batch===small).p50_ms,Math.max(v.accuracy.max_rel_err,1e-9)]]})),
+  {title:'accuracy against speed',xLabel:`p50 latency at batch ${small} (ms)`,yLabel:'max relative error vs fp32 reference',logX:true,logY:true,lines:false});
+document.body.setAttribute('data-rendered','true');
+})();
+"""
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{title}</title><style>{css}</style></head>
+<body>
+<header><h1>{heading}<span class="pill">{kind}</span></h1><div class="sub">selected variant: <b id="selected">{selected}</b></div></header>
+<main>
+<section><h2>Model</h2><dl>{meta}</dl></section>
+<section><h2>Speed and accuracy</h2><div class="charts">
+<figure><figcaption>p50 latency against batch size</figcaption><div id="latency"></div></figure>
+<figure><figcaption>Throughput against batch size</figcaption><div id="throughput"></div></figure>
+<figure><figcaption>Accuracy against speed</figcaption><div id="tradeoff"></div></figure>
+</div></section>
+<section><h2>Variants</h2><table id="variants"><thead><tr><th>variant</th><th>status / reason</th>
+<th>p50 ms @{small}</th><th>p99 ms @{small}</th><th>items/s @{large}</th><th>memory MB</th><th>load s</th><th>size MB</th>
+<th>max rel err</th><th>cosine</th><th>top-1 agree</th><th>accuracy (&Delta;)</th></tr></thead><tbody>{rows}</tbody></table></section>
+{notes}
+<section><h2>Environment</h2><table class="env">{env}</table></section>
+</main>
+<script type="application/json" id="kiln-data">{payload}</script>
+<script>{js}</script>
+</body></html>
+"""

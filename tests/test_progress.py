@@ -1,0 +1,35 @@
+import io
+from pathlib import Path
+
+import kiln
+import zoo
+from kiln.progress import Lines, Silent, reporter
+from support import ZOO
+
+
+def test_lines_count_every_step_of_a_build(weights_dir: Path, tmp_path: Path) -> None:
+    out = io.StringIO()
+    kiln.build(f"{ZOO}:MLP", weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path,
+               backend_names=("eager", "onnxruntime"), progress=Lines(out))
+    lines = out.getvalue().splitlines()
+    steps = [ln for ln in lines if ln.strip().startswith("[")]
+    assert len(steps) == 8 and steps[0].strip().startswith("[ 1/8") and steps[-1].strip().startswith("[ 8/8")
+    assert "eager/fp32: exporting" in steps[0] and "left]" in steps[-1] or "s]" in steps[-1]
+    assert any("onnxruntime/fp32: accepted" in ln for ln in lines)
+
+
+def test_skipped_variants_still_complete_the_count(tmp_path: Path) -> None:
+    out = io.StringIO()
+    torch_script = tmp_path / "m.pt"
+    import torch
+
+    torch.jit.save(torch.jit.script(zoo.seeded(zoo.MLP)), str(torch_script))
+    kiln.build(str(torch_script), inputs=zoo.SPECS["MLP"], repo=tmp_path / "r", backend_names=("eager", "aoti"),
+               progress=Lines(out))
+    steps = [ln for ln in out.getvalue().splitlines() if ln.strip().startswith("[")]
+    assert steps[-1].strip().startswith("[ 8/8") and "aoti/fp32: skipped" in steps[-1]
+
+
+def test_reporter_choice() -> None:
+    assert isinstance(reporter(quiet=True), Silent)
+    assert isinstance(reporter(stream=io.StringIO()), Lines)  # not a terminal: plain lines
