@@ -43,3 +43,14 @@ def built(weights_dir: Path, session_repo: Path) -> Callable[[str], kiln.BuildRe
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def digits_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits example built with the fast backends (eager reference + onnxruntime)."""
+    from support import DIGITS
+
+    repo = tmp_path_factory.mktemp("digits")
+    kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
+               repo=repo, backend_names=("eager", "onnxruntime"))
+    return repo / "digits"

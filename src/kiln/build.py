@@ -73,6 +73,7 @@ class BuildResult:
     batch_sizes: list[int]
     notes: list[str]
     manifest: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] = field(default_factory=dict)
 
     def candidate(self, variant: str) -> Candidate:
         return next(c for c in self.candidates if c.variant == variant)
@@ -102,7 +103,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     for n in names:
         backends.get(n)
     src = ModelSource.parse(source, weights=weights)
-    in_specs, toml_name = _input_specs(src, inputs)
+    in_specs, toml_name, preprocess = _input_specs(src, inputs)
     name = repository.check_name(name or toml_name or _default_name(src))
     with _quiet():
         module = load_module(src) if src.kind != "onnx" else None
@@ -134,6 +135,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
             selected = _select(accepted, objective, sizes)
             result = BuildResult(name, None, None, selected.variant if selected else None, objective, candidates,
                                  in_specs, out_specs, verify.description, sizes, src.notes + subject.notes)
+            result.preprocess = preprocess
             if selected is None:
                 prog.close()
                 return result
@@ -207,9 +209,17 @@ def _select(accepted: list[Candidate], objective: Objective, sizes: list[int]) -
     return max(accepted, key=lambda c: c.timing(sizes[-1]).items_per_s)  # type: ignore[union-attr]
 
 
-def _input_specs(src: ModelSource, given: Sequence[str | TensorSpec] | None) -> tuple[list[TensorSpec], str | None]:
+def _input_specs(src: ModelSource, given: Sequence[str | TensorSpec] | None) -> tuple[list[TensorSpec], str | None, dict[str, Any]]:
     toml = src.path.parent / "kiln.toml" if src.path is not None else None
     toml_name, toml_specs = load_toml_specs(toml) if toml is not None and toml.is_file() else (None, [])
+    preprocess: dict[str, Any] = {}
+    if toml is not None and toml.is_file():
+        import tomllib
+
+        from kiln.inputs import Preprocess
+
+        preprocess = tomllib.loads(toml.read_text()).get("preprocess", {})
+        Preprocess.from_dict(preprocess)  # refuse unknown settings now, not at predict time
     if given:
         specs = [s if isinstance(s, TensorSpec) else TensorSpec.parse(s) for s in given]
     else:
@@ -217,7 +227,7 @@ def _input_specs(src: ModelSource, given: Sequence[str | TensorSpec] | None) -> 
     dup = {s.name for s in specs if [t.name for t in specs].count(s.name) > 1}
     if dup:
         raise KilnError(f"input names repeat: {sorted(dup)}", hint="give each input once")
-    return specs, toml_name
+    return specs, toml_name, preprocess
 
 
 def _default_name(src: ModelSource) -> str:
@@ -268,6 +278,7 @@ def _manifest(r: BuildResult, src: ModelSource, budget: Budget, device: str) -> 
         "verification": {"data": r.verification, "budget": asdict(budget)},
         "candidates": [c.to_dict() for c in r.candidates],
         "notes": r.notes,
+        "preprocess": r.preprocess,
         "libraries": library_versions(),
         "device": device_info(device),
     }

@@ -42,6 +42,12 @@ _PROFILE_EXAMPLE = """examples:
   kiln profile models/digits --batch 32
   kiln profile models/digits --variant eager/fp32 --trace trace.json --memory"""
 
+_PREDICT_EXAMPLE = """examples:
+  kiln predict models/digits examples/digits/test.npz --out preds.npz --batch 256 --workers 2
+  kiln predict models/digits images/ --out preds.parquet          # preprocessing from kiln.toml
+  kiln predict models/digits data/*.npz --out preds.npz --resume  # continue a killed run
+  kiln predict models/digits data/ --out preds.npz --ray          # on a local Ray, or --ray HOST:PORT"""
+
 _INSPECT_EXAMPLE = """example:
   kiln inspect models/digits          # latest version
   kiln inspect models/digits/1 --json"""
@@ -131,6 +137,25 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--trace", metavar="FILE", help="write a Chrome trace (chrome://tracing, ui.perfetto.dev)")
     pr.add_argument("--memory", action="store_true", help="print a peak-memory timeline")
 
+    pd = sub.add_parser("predict", help="offline batch inference over files, resumable, locally or on Ray",
+                        description="Run a built model over .npy/.npz files, image folders or .parquet/.csv tables.",
+                        epilog=_PREDICT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pd.add_argument("model", help="repo/<model>[/<version>]")
+    pd.add_argument("inputs", nargs="+", help="files and folders")
+    pd.add_argument("--out", required=True, help="output .npz or .parquet: one row per item with its source id")
+    pd.add_argument("--batch", type=int, default=64, help="items per model call (default: 64)")
+    pd.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    pd.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    pd.add_argument("--variant", help="variant to run (default: the selected one)")
+    pd.add_argument("--shard-size", type=int, default=4096, help="items per output shard (default: 4096)")
+    pd.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    pd.add_argument("--on-error", choices=("skip", "stop"), default="skip", help="a bad file: skip it (listed) or stop")
+    pd.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                    help="run on Ray Data: a local Ray, or the cluster at ADDRESS (pip install 'kiln[ray]')")
+    pd.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (actors)")
+    pd.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica")
+    pd.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
     i = sub.add_parser("inspect", help="show a built model: versions, specs, variants",
                        description="Show a built model's manifest: source, TensorSpecs, every candidate variant.",
                        epilog=_INSPECT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "predict":
+            return _predict(args)
         return _inspect(args)
     except KilnError as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -324,6 +351,23 @@ def _profile(args: argparse.Namespace) -> int:
         console.print(f"trace: {result.trace} (open in chrome://tracing or ui.perfetto.dev)", highlight=False)
     if result.memory:
         console.print(result.memory, highlight=False)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from kiln.predict import predict
+
+    s = predict(args.model, args.inputs, args.out, batch=args.batch, workers=args.workers, device=args.device,
+                variant=args.variant, shard_size=args.shard_size, resume=args.resume, on_error=args.on_error,
+                ray=args.ray, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                progress=False if args.quiet else None)
+    resumed = f" ({s.resumed_items} from the earlier run)" if s.resumed_items else ""
+    print(f"wrote {s.written} of {s.items} items{resumed} to {s.out} in {s.elapsed_s:.1f}s "
+          f"({s.items_per_s:,.0f} items/s, {s.engine}); skipped {len(s.skipped)}")
+    for src, err in s.skipped[:20]:
+        print(f"  skipped {src}: {err}")
+    if len(s.skipped) > 20:
+        print(f"  ... and {len(s.skipped) - 20} more")
     return 0
 
 

@@ -1,0 +1,139 @@
+"""kiln predict: every item once, equal to per-item eager outputs, resumable after a kill."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import kiln
+import zoo
+from kiln.predict import predict
+from support import DIGITS, ZOO
+
+
+def eager_per_item(repo_model: Path, x: np.ndarray) -> np.ndarray:
+    runner = kiln.load(str(repo_model), variant="eager/fp32")
+    return np.concatenate([runner(x[i:i + 1]) for i in range(len(x))])
+
+
+def test_npz_equals_per_item_eager(digits_repo: Path, tmp_path: Path) -> None:
+    test = np.load(DIGITS / "test.npz")
+    s = predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "p.npz", batch=37, workers=2, shard_size=100, progress=False)
+    assert (s.items, s.written, s.skipped) == (450, 450, [])
+    z = np.load(tmp_path / "p.npz")
+    assert list(z["id"][:2]) == [f"{DIGITS / 'test.npz'}:0", f"{DIGITS / 'test.npz'}:1"] and len(set(z["id"])) == 450
+    np.testing.assert_allclose(z["output"], eager_per_item(digits_repo, test["image"]), rtol=1e-4, atol=1e-5)
+    assert (z["output"].argmax(1) == test["labels"]).mean() > 0.97
+    assert not (tmp_path / "p.npz.parts").exists()
+
+
+def test_image_folder_with_bad_files(digits_repo: Path, tmp_path: Path) -> None:
+    x = np.load(DIGITS / "test.npz")["image"][:12]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    pixels = np.round(x[:, 0] * 255).astype(np.uint8)
+    for i, img in enumerate(pixels):
+        Image.fromarray(img, mode="L").save(folder / f"{i:02d}.png")
+    (folder / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (folder / "notes.txt").write_text("hello")
+    s = predict(digits_repo, [folder], tmp_path / "p.parquet", batch=5, progress=False)
+    assert s.written == 12 and sorted(Path(p).name for p, _ in s.skipped) == ["notes.txt", "zz-broken.png"]
+    assert any("unreadable image" in e for _, e in s.skipped)
+    t = pq.read_table(tmp_path / "p.parquet")
+    assert t.column_names == ["id", "output"] and [Path(i).name for i in t.column("id").to_pylist()][:2] == ["00.png", "01.png"]
+    got = np.asarray(t.column("output").to_pylist(), np.float32)
+    want = eager_per_item(digits_repo, (pixels.astype(np.float32) / 255.0)[:, None])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    (folder / "notes.txt").unlink()
+    with pytest.raises(kiln.KilnError, match="zz-broken.png: unreadable image"):
+        predict(digits_repo, [folder], tmp_path / "q.npz", on_error="stop", progress=False)
+
+
+def test_tables(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(0).standard_normal((30, 16)).astype(np.float32)
+    cols = {f"f{i:02d}": x[:, i] for i in range(16)}
+    pq.write_table(pa.table({"name": [f"row{i}" for i in range(30)], **cols}), tmp_path / "t.parquet")
+    pcsv.write_csv(pa.table(cols), tmp_path / "t.csv")
+    with torch.no_grad():
+        want = zoo.seeded(zoo.MLP)(torch.from_numpy(x)).numpy()
+    for name in ("t.parquet", "t.csv"):
+        s = predict(built("MLP").path, [tmp_path / name], tmp_path / f"{name}.npz", batch=8, progress=False)
+        np.testing.assert_allclose(np.load(tmp_path / f"{name}.npz")["output"], want, rtol=1e-4, atol=1e-5)
+        assert s.written == 30
+    pq.write_table(pa.table({"a": x[:, 0]}), tmp_path / "narrow.parquet")
+    s = predict(built("MLP").path, [tmp_path / "narrow.parquet", tmp_path / "t.parquet"], tmp_path / "n.npz", progress=False)
+    assert s.written == 30 and "1 numeric columns" in s.skipped[0][1]
+
+
+def test_bad_arguments(digits_repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(kiln.KilnError, match="unknown output format"):
+        predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "p.csv")
+    with pytest.raises(kiln.KilnError, match="input not found"):
+        predict(digits_repo, [tmp_path / "nothing"], tmp_path / "p.npz")
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((3, 8, 8), np.float32))
+    with pytest.raises(kiln.KilnError, match="wrong.npz: array 'image' has shape"):
+        predict(digits_repo, [tmp_path / "wrong.npz"], tmp_path / "p.npz", on_error="stop")
+
+
+@pytest.fixture(scope="module")
+def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("slow")
+    kiln.build(f"{ZOO}:Slow", inputs=zoo.SERVE_SPECS["Slow"], name="slow", repo=repo, backend_names=("eager",),
+               batch_sizes=(1,))
+    return repo / "slow"
+
+
+def test_killed_run_resumes_with_every_item_once(slow_repo: Path, tmp_path: Path) -> None:
+    x = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    np.savez(tmp_path / "in.npz", x=x)
+    out = tmp_path / "p.npz"
+    cmd = [sys.executable, "-m", "kiln", "predict", str(slow_repo), str(tmp_path / "in.npz"), "--out", str(out),
+           "--batch", "4", "--shard-size", "8", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest = tmp_path / "p.npz.parts" / "manifest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if manifest.is_file() and len(json.loads(manifest.read_text())["done"]) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(json.loads(manifest.read_text())["done"])
+    assert not out.exists() and 2 <= done < 5
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--resume" in p.stderr
+    p = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"({done * 8} from the earlier run)" in p.stdout
+    z = np.load(out)
+    assert list(z["id"]) == [f"{tmp_path / 'in.npz'}:{i}" for i in range(40)]
+    np.testing.assert_array_equal(z["output"], x + 1.0)
+
+
+def test_ray_data_gives_the_same_outputs(digits_repo: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray", reason="make test installs kiln[ray]")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        s = predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "r.npz", batch=64, shard_size=128, ray=True,
+                    replicas=2, progress=False)
+    finally:
+        ray.shutdown()
+    assert s.engine == "ray" and s.written == 450
+    local = predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "l.npz", batch=64, progress=False)
+    assert local.written == 450
+    a, b = np.load(tmp_path / "r.npz"), np.load(tmp_path / "l.npz")
+    assert list(a["id"]) == list(b["id"])
+    np.testing.assert_allclose(a["output"], b["output"], rtol=1e-6)
