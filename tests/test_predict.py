@@ -125,7 +125,7 @@ def test_killed_run_resumes_with_every_item_once(slow_repo: Path, tmp_path: Path
 
 def test_ray_data_gives_the_same_outputs(digits_repo: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="make test installs kiln[ray]")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
     try:
         s = predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "r.npz", batch=64, shard_size=128, ray=True,
                     replicas=2, progress=False)

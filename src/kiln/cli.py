@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grace-s", type=float, default=30, help="on SIGTERM/SIGINT, time to finish in-flight requests")
     s.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
     s.add_argument("--log-json", action="store_true", help="access log as JSON lines (implies --access-log)")
+    s.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                   help="deploy on Ray Serve: a local Ray, or the cluster at ADDRESS (pip install 'kiln[ray]')")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per model")
+    s.add_argument("--min-replicas", type=int, help="with --ray and --max-replicas: autoscaling lower bound")
+    s.add_argument("--max-replicas", type=int, help="with --ray: autoscale each model up to this many replicas")
+    s.add_argument("--target-ongoing-requests", type=float, default=2.0, help="with --ray: autoscaling target per replica")
+    s.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs reserved per model replica")
+    s.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per model replica")
 
     be = sub.add_parser("bench", help="latency, throughput, memory and accuracy of every variant",
                         description="Benchmark the accepted variants of a built model (or build a source first).",
@@ -250,6 +258,19 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_ms": args.timeout_ms, "instances": args.instances, "devices": args.devices,
         "preferred_batch_sizes": _int_list(args.preferred_batch_sizes, "--preferred-batch-sizes") if args.preferred_batch_sizes else None,
     }
+    if args.ray is not None:
+        from kiln.ray import require_ray
+
+        require_ray()
+        from kiln.ray.serve import run as run_on_ray
+
+        run_on_ray(args.repo, host=args.host, port=args.port, address=args.ray if isinstance(args.ray, str) else None,
+                   models=args.models.split(",") if args.models else None, overrides=overrides,
+                   num_replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                   target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica,
+                   gpus_per_replica=args.gpus_per_replica, api_key=args.api_key,
+                   max_body_bytes=int(args.max_body_mb * (1 << 20)))
+        return 0
     plane = DataPlane(Path(args.repo), overrides=overrides, only=args.models.split(",") if args.models else None,
                       drain_s=args.grace_s)
     names = plane.available()

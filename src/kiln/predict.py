@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -88,7 +88,7 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
     if ray is not None and ray is not False:
         from kiln.ray.data import run_shards
 
-        run_shards(plan_args(version_dir, plan, variant, device, batch), plan, todo, _write_shard, bar,
+        run_shards({"version_dir": str(version_dir), "variant": variant, "device": device, "batch": batch}, plan, todo, bar,
                    address=ray if isinstance(ray, str) else None, replicas=replicas, gpus_per_replica=gpus_per_replica,
                    on_error=on_error)
         engine = "ray"
@@ -101,10 +101,6 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
     elapsed = time.perf_counter() - t0
     return Summary(out, len(items.ids), written, [*bad_files, *skipped], done_items, elapsed,
                    (len(items.ids) - done_items) / elapsed if elapsed > 0 else 0.0, engine)  # type: ignore[arg-type]
-
-
-def plan_args(version_dir: Path, plan: _Plan, variant: str | None, device: str, batch: int) -> dict[str, Any]:
-    return {"version_dir": str(version_dir), "variant": variant, "device": device, "batch": batch}
 
 
 def _plan(items: Inputs, outputs: list[TensorSpec], out: Path, m: dict[str, Any], version_dir: Path,
@@ -178,7 +174,7 @@ def _run_local(version_dir: Path, plan: _Plan, todo: list[int], variant: str | N
     cuda = device.startswith("cuda")
     loader = torch.utils.data.DataLoader(_BatchDataset(plan.inputs), batch_size=None, sampler=list(_batches(plan, todo, batch)),
                                          num_workers=workers, pin_memory=cuda, collate_fn=_collate)
-    collector = _ShardCollector(plan, todo)
+    collector = ShardCollector(plan, todo)
     for idx, arrays, errors in loader:
         if errors and on_error == "stop":
             i, err = errors[0]
@@ -197,7 +193,7 @@ def _collate(batch: tuple[list[int], list[np.ndarray], list[tuple[int, str]]]) -
     return idx, [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], errors
 
 
-class _ShardCollector:
+class ShardCollector:
     """Gathers results per shard and writes a shard as soon as every one of its items is accounted for."""
 
     def __init__(self, plan: _Plan, todo: list[int]) -> None:
@@ -300,5 +296,3 @@ class _Progress:
         if self.bar is not None:
             self.bar.stop()
 
-
-Writer = Callable[[_Plan, int, list[int], list[np.ndarray], list[tuple[int, str]]], None]

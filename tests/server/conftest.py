@@ -19,21 +19,6 @@ from kiln.server.dataplane import DataPlane
 from support import DIGITS, ZOO
 
 
-@pytest.fixture(scope="session")
-def serve_repo(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Path:
-    repo = tmp_path_factory.mktemp("serve")
-    fast = ("eager", "onnxruntime")
-    kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-               repo=repo, backend_names=fast)
-    kiln.build(f"{ZOO}:TwoInTwoOut", weights=weights_dir / "TwoInTwoOut.safetensors", inputs=zoo.SPECS["TwoInTwoOut"],
-               name="two", repo=repo, backend_names=fast)
-    for name, specs in zoo.SERVE_SPECS.items():
-        kiln.build(f"{ZOO}:{name}", inputs=specs, name=name.lower(), repo=repo, backend_names=("eager",), batch_sizes=(1,))
-    (repo / "poison" / "config.toml").write_text("max_delay_ms = 100\nmax_batch_size = 16\n")
-    (repo / "slow" / "config.toml").write_text("max_batch_size = 1\nmax_queue_size = 2\ninstances = 1\n")
-    return repo
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

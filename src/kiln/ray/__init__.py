@@ -15,6 +15,19 @@ def require_ray() -> Any:
     return ray
 
 
+def init(address: str | None) -> None:
+    """Connect to the cluster at `address`, or start a local Ray bound to loopback (it serves this machine only)."""
+    ray = require_ray()
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address is None:
+        options["_node_ip_address"] = "127.0.0.1"
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as e:
+        raise KilnError(f"cannot reach the Ray cluster at {address}: {e}",
+                        hint="check the address (ray status on the head node)") from None
+
+
 def deployment(repo: str, **kwargs: Any) -> Any:
     """A Ray Serve application serving repo's models over the KServe v2 API; see kiln.ray.serve.deployment.
 
@@ -25,4 +38,4 @@ def deployment(repo: str, **kwargs: Any) -> Any:
     return _deployment(repo, **kwargs)
 
 
-__all__ = ["deployment", "require_ray"]
+__all__ = ["deployment", "init", "require_ray"]

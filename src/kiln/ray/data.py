@@ -43,20 +43,19 @@ class _Predictor:
         return result
 
 
-def run_shards(args: dict[str, Any], plan: Any, todo: list[int], write_shard: Any, bar: Any, *, address: str | None,
+def run_shards(args: dict[str, Any], plan: Any, todo: list[int], bar: Any, *, address: str | None,
                replicas: int, gpus_per_replica: float, on_error: str) -> None:
     """Run every item of the shards in `todo` on Ray Data, writing each shard as it completes."""
     ray = require_ray()
-    from kiln.predict import _ShardCollector
+    from kiln.predict import ShardCollector
 
     if replicas < 1:
         raise KilnError(f"--replicas {replicas} must be at least 1", hint="e.g. --replicas 2")
     started_here = not ray.is_initialized()
     if started_here:
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except ConnectionError as e:
-            raise KilnError(f"cannot reach the Ray cluster at {address}: {e}", hint="check the address (ray status on the head node)") from None
+        from kiln.ray import init
+
+        init(address)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
@@ -68,7 +67,7 @@ def run_shards(args: dict[str, Any], plan: Any, todo: list[int], write_shard: An
         results = ds.map_batches(_Predictor, fn_constructor_kwargs={"args": args, "inputs": plan.inputs},
                                  batch_size=args["batch"], compute=ray.data.ActorPoolStrategy(size=replicas),
                                  num_gpus=gpus_per_replica or None, batch_format="numpy")
-        collector = _ShardCollector(plan, todo)
+        collector = ShardCollector(plan, todo)
         n_out = len(plan.outputs)
         for b in results.iter_batches(batch_size=None, batch_format="numpy"):
             items = b["item"].tolist()

@@ -58,14 +58,17 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: int = 64 << 20,
-               access_log: bool = False, log_json: bool = False) -> FastAPI:
-    """The ASGI app. Models load in the background at startup: live at once, ready when loaded and warm."""
+               access_log: bool = False, log_json: bool = False, load_in_background: bool = True) -> FastAPI:
+    """The ASGI app. Models load in the background at startup: live at once, ready when loaded and warm.
+    With load_in_background=False startup waits for them (Ray Serve replicas: healthy means loaded)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for name in plane.available():
             plane.loading.add(name)
         task = asyncio.create_task(plane.load_all())
+        if not load_in_background:
+            await task
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -38,7 +38,7 @@ class DataPlane:
     """
 
     def __init__(self, repo: Path, *, overrides: dict[str, Any] | None = None, only: list[str] | None = None,
-                 metrics: Metrics | None = None, drain_s: float = 30.0) -> None:
+                 metrics: Metrics | None = None, drain_s: float = 30.0, model_factory: Any = None) -> None:
         if not repo.is_dir():
             raise KilnError(f"model repository not found: {repo}", hint="build a model first: kiln build ... --repo DIR")
         self.repo = repo
@@ -49,6 +49,8 @@ class DataPlane:
         self.models: dict[str, ServedModel] = {}
         self.errors: dict[str, str] = {}
         self.loading: set[str] = set()
+        # Builds the object that runs a model: ServedModel here; kiln.ray.serve puts remote replicas behind it.
+        self.model_factory = model_factory or ServedModel
 
     # -- repository -------------------------------------------------------------------------------
     def available(self) -> list[str]:
@@ -59,8 +61,7 @@ class DataPlane:
         for name in self.available():
             try:
                 m = await self.load(name)
-                print(f"kiln serve: {name} version {m.version} ({m.variant}, {len(m.runners)} instance(s)) ready",
-                      file=sys.stderr, flush=True)
+                print(f"kiln serve: {name} version {m.version} ({m.variant}, {m.describe()}) ready", file=sys.stderr, flush=True)
             except KilnError as e:  # recorded in self.errors; the index and readiness report it
                 print(f"kiln serve: {name} failed to load: {e.message}", file=sys.stderr, flush=True)
 
@@ -73,7 +74,7 @@ class DataPlane:
             config = load_config(model_dir, self.overrides)
             path = model_dir / str(config.version) if config.version is not None else model_dir
             version_dir, manifest = repository.resolve(path)
-            served = ServedModel(name, version_dir, manifest, config, observer=self.metrics.observe_batch)
+            served = self.model_factory(name, version_dir, manifest, config, observer=self.metrics.observe_batch)
             await asyncio.to_thread(served.load)  # load and warm up without blocking the event loop
         except KilnError as e:
             self.errors[name] = e.message

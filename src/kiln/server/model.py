@@ -60,6 +60,9 @@ class ServedModel:
         self._observer = observer
         self.batcher: Batcher | None = None
 
+    def describe(self) -> str:
+        return f"{len(self.runners)} instance(s)"
+
     def load(self) -> None:
         """Blocking: load and warm every runner (called in a worker thread so the loop keeps serving)."""
         for device in self.config.devices:
