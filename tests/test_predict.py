@@ -85,6 +85,8 @@ def test_bad_arguments(digits_repo: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "wrong.npz", image=np.zeros((3, 8, 8), np.float32))
     with pytest.raises(kiln.KilnError, match="wrong.npz: array 'image' has shape"):
         predict(digits_repo, [tmp_path / "wrong.npz"], tmp_path / "p.npz", on_error="stop")
+    with pytest.raises(kiln.KilnError, match="no readable input items .*wrong.npz"):
+        predict(digits_repo, [tmp_path / "wrong.npz"], tmp_path / "p.npz", on_error="skip")
 
 
 @pytest.fixture(scope="module")

@@ -381,7 +381,7 @@ def _predict(args: argparse.Namespace) -> int:
     s = predict(args.model, args.inputs, args.out, batch=args.batch, workers=args.workers, device=args.device,
                 variant=args.variant, shard_size=args.shard_size, resume=args.resume, on_error=args.on_error,
                 ray=args.ray, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
-                progress=False if args.quiet else None)
+                progress=not args.quiet)
     resumed = f" ({s.resumed_items} from the earlier run)" if s.resumed_items else ""
     print(f"wrote {s.written} of {s.items} items{resumed} to {s.out} in {s.elapsed_s:.1f}s "
           f"({s.items_per_s:,.0f} items/s, {s.engine}); skipped {len(s.skipped)}")

@@ -81,21 +81,26 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
     if bad_files and on_error == "stop":
         path, err = bad_files[0]
         raise KilnError(f"bad input {path}: {err}", hint="fix or remove it, or pass --on-error skip")
+    if not items.ids:
+        listed = "; ".join(f"{p}: {e}" for p, e in bad_files[:5])
+        raise KilnError(f"no readable input items ({listed})", hint="give .npy/.npz/.parquet/.csv files or folders of images")
     plan = _plan(items, outputs, out, m, version_dir, variant, shard_size, resume)
     done_items = sum(len(plan.shard_range(int(s))) for s in plan.manifest["done"])
     todo = [s for s in range(plan.shards) if str(s) not in plan.manifest["done"]]
     bar = _Progress(len(items.ids), done_items, enabled=progress)
-    if ray is not None and ray is not False:
-        from kiln.ray.data import run_shards
+    try:
+        if ray is not None and ray is not False:
+            from kiln.ray.data import run_shards
 
-        run_shards({"version_dir": str(version_dir), "variant": variant, "device": device, "batch": batch}, plan, todo, bar,
-                   address=ray if isinstance(ray, str) else None, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                   on_error=on_error)
-        engine = "ray"
-    else:
-        _run_local(version_dir, plan, todo, variant, device, batch, workers, on_error, bar)
-        engine = "local"
-    bar.close()
+            run_shards({"version_dir": str(version_dir), "variant": variant, "device": device, "batch": batch}, plan, todo,
+                       bar, address=ray if isinstance(ray, str) else None, replicas=replicas,
+                       gpus_per_replica=gpus_per_replica, on_error=on_error)
+            engine = "ray"
+        else:
+            _run_local(version_dir, plan, todo, variant, device, batch, workers, on_error, bar)
+            engine = "local"
+    finally:
+        bar.close()
     skipped = [tuple(x) for s in sorted(plan.manifest["done"], key=int) for x in plan.manifest["done"][s]["skipped"]]
     written = _finish(plan, out)
     elapsed = time.perf_counter() - t0
