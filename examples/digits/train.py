@@ -32,7 +32,7 @@ def main() -> None:
     model = DigitsNet()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-    for epoch in range(40):
+    for _epoch in range(40):
         model.train()
         for idx in torch.randperm(len(xt)).split(64):
             opt.zero_grad()

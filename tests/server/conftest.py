@@ -12,11 +12,8 @@ import httpx
 import pytest
 import uvicorn
 
-import kiln
-import zoo
 from kiln.server.app import create_app
 from kiln.server.dataplane import DataPlane
-from support import DIGITS, ZOO
 
 
 def free_port() -> int:
