@@ -23,7 +23,7 @@ install: $(STAMP)
 # Build the digits model, then serve it and send it real requests.
 demo: $(STAMP)
 	$(BIN)/kiln build examples/digits/model.py:DigitsNet --weights examples/digits/digits.safetensors \
-		--data examples/digits/test.npz --repo $(REPO)
+		--data examples/digits/test.npz --calib examples/digits/calib.npz --repo $(REPO)
 	$(BIN)/python examples/digits/serve_demo.py --repo $(REPO)
 
 # The report's test renders it in a real browser: Debian's chromium (no browser download from a test tool).

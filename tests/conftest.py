@@ -52,7 +52,7 @@ def digits_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     repo = tmp_path_factory.mktemp("digits")
     kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-               repo=repo, backend_names=("eager", "onnxruntime"))
+               repo=repo, backend_names=("eager", "onnxruntime"), precision="fp32")
     return repo / "digits"
 
 
@@ -64,9 +64,9 @@ def serve_repo(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> P
     repo = tmp_path_factory.mktemp("serve")
     fast = ("eager", "onnxruntime")
     kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-               repo=repo, backend_names=fast)
+               repo=repo, backend_names=fast, precision="fp32")
     kiln.build(f"{ZOO}:TwoInTwoOut", weights=weights_dir / "TwoInTwoOut.safetensors", inputs=zoo.SPECS["TwoInTwoOut"],
-               name="two", repo=repo, backend_names=fast)
+               name="two", repo=repo, backend_names=fast, precision="fp32")
     for name, specs in zoo.SERVE_SPECS.items():
         kiln.build(f"{ZOO}:{name}", inputs=specs, name=name.lower(), repo=repo, backend_names=("eager",), batch_sizes=(1,))
     (repo / "poison" / "config.toml").write_text("max_delay_ms = 100\nmax_batch_size = 16\n")

@@ -38,7 +38,7 @@ def test_throughput_objective(weights_dir: Path, tmp_path: Path) -> None:
 def test_out_of_budget_variants_are_rejected_with_numbers(weights_dir: Path, tmp_path: Path) -> None:
     """A zero tolerance rejects every variant that differs by a rounding error; only exact eager survives."""
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
-                   repo=tmp_path, backend_names=FAST, budget=Budget(tolerance=0.0))
+                   repo=tmp_path, backend_names=FAST, budget=Budget(tolerance=0.0), precision="fp32")
     assert r.selected == "eager/fp32"
     ort = r.candidate("onnxruntime/fp32")
     assert ort.status == "rejected" and "relative error" in ort.reason and ort.accuracy[0]["max_rel_err"] > 0
@@ -47,7 +47,7 @@ def test_out_of_budget_variants_are_rejected_with_numbers(weights_dir: Path, tmp
 
 def test_nothing_accepted_writes_nothing(weights_dir: Path, tmp_path: Path) -> None:
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
-                   repo=tmp_path, backend_names=("onnxruntime",), budget=Budget(tolerance=0.0))
+                   repo=tmp_path, backend_names=("onnxruntime",), budget=Budget(tolerance=0.0), precision="fp32")
     assert r.selected is None and r.path is None and not (tmp_path / "convbn").exists()
 
 
@@ -56,7 +56,8 @@ def test_data_file_labels_and_errors(tmp_path: Path) -> None:
     r = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
                    repo=tmp_path, backend_names=("eager", "onnxruntime"))
     assert r.name == "digits" and [str(s) for s in r.inputs] == ["image:float32[batch,1,8,8]"]  # from kiln.toml
-    assert r.verification == "test.npz (450 items)"
+    # static int8 is in the search: a quarter of the data is held out for its calibration, never verified on
+    assert r.verification == "test.npz (338 items; 112 others held out for calibration)"
     check = r.candidate("onnxruntime/fp32").accuracy[0]
     assert check["accuracy"] > 0.97 and check["accuracy"] == pytest.approx(check["reference_accuracy"], abs=0.005)
     np.savez(tmp_path / "wrong.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
@@ -96,12 +97,13 @@ def test_onnx_source_reads_its_signature(tmp_path: Path) -> None:
                       output_names=["scores"], dynamic_axes={"features": {0: "batch"}, "scores": {0: "batch"}}, dynamo=False)
     r = kiln.build(str(tmp_path / "mlp.onnx"), repo=tmp_path / "repo")
     assert [str(s) for s in r.inputs] == ["features:float32[batch,16]"]
-    assert r.selected == "onnxruntime/fp32"
+    assert r.selected is not None and r.selected.startswith("onnxruntime/")
     for c in r.candidates:
         if c.backend != "onnxruntime":
             assert c.status == "skipped" and "runs only on onnxruntime" in c.reason
     x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
-    np.testing.assert_allclose(kiln.load(str(r.path))(features=x), m(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+    fp32 = kiln.load(str(r.path), variant="onnxruntime/fp32")  # the selected one may be int8: close, not equal
+    np.testing.assert_allclose(fp32(features=x), m(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_cuda_build_without_gpu_is_refused(tmp_path: Path) -> None:
@@ -109,3 +111,40 @@ def test_cuda_build_without_gpu_is_refused(tmp_path: Path) -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(kiln.KilnError, match="no CUDA GPU"):
         kiln.build(f"{ZOO}:MLP", inputs=zoo.SPECS["MLP"], repo=tmp_path, device="cuda")
+
+
+def test_int8_variants_inside_and_outside_the_budget(built: Callable[[str], kiln.BuildResult], weights_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """The search finds int8 variants itself; the budget decides, and a tighter one rejects them."""
+    import onnx
+
+    r = built("Encoder")
+    dyn = r.candidate("onnxruntime/int8-dynamic")
+    assert dyn.status == "accepted" and min(a["cosine"] for a in dyn.accuracy) >= 0.99
+    art = r.path / dyn.artifact["dir"]  # type: ignore[index, operator]
+    graph = onnx.load(str(art / "model.int8.onnx")).graph
+    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert int8 and {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in graph.node}  # weights really int8
+    tight = kiln.build(f"{ZOO}:Encoder", weights=weights_dir / "Encoder.safetensors", inputs=zoo.SPECS["Encoder"],
+                       repo=tmp_path, backend_names=("onnxruntime",), precision="int8",
+                       budget=Budget(int8_min_cosine=0.9999999))
+    assert [c.variant for c in tight.candidates] == ["onnxruntime/int8-dynamic", "onnxruntime/int8-static"]
+    assert all(c.status == "rejected" and "cosine" in c.reason for c in tight.candidates) and tight.selected is None
+
+
+def test_static_int8_is_calibrated_and_qdq(tmp_path: Path) -> None:
+    import onnx
+
+    digits = ROOT / "examples" / "digits"
+    r = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
+                   calib=digits / "calib.npz", repo=tmp_path, backend_names=("onnxruntime",), precision="int8")
+    assert r.verification == "test.npz (450 items)"  # a separate calibration file: nothing held out
+    st = r.candidate("onnxruntime/int8-static")
+    assert st.status == "accepted" and st.accuracy[0]["top1_agreement"] >= 0.97, st.reason
+    graph = onnx.load(str(r.path / st.artifact["dir"] / "model.int8.onnx")).graph  # type: ignore[index, operator]
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    with pytest.raises(kiln.KilnError, match="no variant of eager has precision int8"):
+        kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", repo=tmp_path,
+                   backend_names=("eager",), precision="int8")

@@ -10,7 +10,7 @@ from support import ZOO
 def test_lines_count_every_step_of_a_build(weights_dir: Path, tmp_path: Path) -> None:
     out = io.StringIO()
     kiln.build(f"{ZOO}:MLP", weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path,
-               backend_names=("eager", "onnxruntime"), progress=Lines(out))
+               backend_names=("eager", "onnxruntime"), precision="fp32", progress=Lines(out))
     lines = out.getvalue().splitlines()
     steps = [ln for ln in lines if ln.strip().startswith("[")]
     assert len(steps) == 8 and steps[0].strip().startswith("[ 1/8") and steps[-1].strip().startswith("[ 8/8")

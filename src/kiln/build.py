@@ -83,7 +83,8 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
           name: str | None = None, repo: str | Path = "models", data: str | Path | None = None,
           budget: Budget | None = None, batch_sizes: Sequence[int] = (1, 32), objective: Objective = "latency",
           backend_names: Sequence[str] | None = None, device: str = "cpu", dim_sizes: dict[str, int] | None = None,
-          progress: Reporter | None = None, report: bool = True) -> BuildResult:
+          progress: Reporter | None = None, report: bool = True, precision: str = "auto",
+          calib: str | Path | None = None) -> BuildResult:
     """Build, verify and select; write repo/<name>/<version>/ and return what happened.
 
     >>> result = kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors",
@@ -102,6 +103,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     names = list(backend_names or backends.ORDER)
     for n in names:
         backends.get(n)
+    plan = _variants(names, precision)
     src = ModelSource.parse(source, weights=weights)
     in_specs, toml_name, preprocess = _input_specs(src, inputs)
     name = repository.check_name(name or toml_name or _default_name(src))
@@ -120,16 +122,19 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
             in_specs = _merge_onnx_inputs(graph_in, in_specs)
             sess = ortb.session(src.path)  # type: ignore[arg-type]
             reference = _onnx_reference(sess, in_specs, out_specs)
-        verify = verification_data(in_specs, Path(data) if data else None)
-        prog.start(len(names) * _STEPS)
+        int8_static = any(p == "int8-static" for _, p in plan)
+        verify = verification_data(in_specs, Path(data) if data else None, calib=Path(calib) if calib else None,
+                                   hold_out=int8_static)
+        prog.start(len(plan) * _STEPS)
         prog.note(f"verifying against fp32 {'eager' if module is not None else 'onnxruntime'} on {verify.description}")
         ref_out = [[o.numpy(force=True) for o in reference(b)] for b in verify.batches]
         subject = Subject(src, module, in_specs, out_specs, example_inputs(in_specs), device)
         sizes = sorted(set(batch_sizes)) if batch_dim(in_specs) else [1]
         with tempfile.TemporaryDirectory(prefix="kiln-build-") as tmp:
             candidates = [
-                _try_variant(n, subject, Path(tmp) / n, verify, ref_out, budget, sizes, dim_sizes or {}, prog)
-                for n in names
+                _try_variant(n, p, subject, Path(tmp) / repository.variant_dir(f"{n}/{p}"), verify, ref_out, budget, sizes,
+                             dim_sizes or {}, prog)
+                for n, p in plan
             ]
             accepted = [c for c in candidates if c.status == "accepted"]
             selected = _select(accepted, objective, sizes)
@@ -141,7 +146,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
                 return result
             version, vdir = repository.new_version_dir(Path(repo), name)
             for c in accepted:
-                art = repository.add_artifact(vdir, c.variant, Path(tmp) / c.backend)
+                art = repository.add_artifact(vdir, c.variant, Path(tmp) / repository.variant_dir(c.variant))
                 c.artifact = {**art, "meta": c.artifact}
         result.version, result.path = version, vdir
         result.manifest = _manifest(result, src, budget, device)
@@ -154,10 +159,27 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     return result
 
 
-def _try_variant(backend_name: str, subject: Subject, staged: Path, verify: VerifyData, ref_out: list[list[np.ndarray]],
-                 budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int], prog: Reporter) -> Candidate:
+def _variants(names: list[str], precision: str) -> list[tuple[str, str]]:
+    """(backend, precision) pairs the search tries, bounded by --precision."""
+    from kiln.transforms.onnx_int8 import PRECISIONS as INT8
+
+    if precision not in ("fp32", "int8", "auto"):
+        raise KilnError(f"unknown --precision {precision!r}", hint="use fp32, int8 or auto")
+    out = []
+    for n in names:
+        options = ["fp32"] + (list(INT8) if n == "onnxruntime" else [])
+        out += [(n, p) for p in options if precision == "auto" or p.split("-")[0] == precision]
+    if not out:
+        raise KilnError(f"no variant of {', '.join(names)} has precision {precision}",
+                        hint="int8 variants come from the onnxruntime backend; use --precision auto or fp32")
+    return out
+
+
+def _try_variant(backend_name: str, precision: str, subject: Subject, staged: Path, verify: VerifyData,
+                 ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
+                 prog: Reporter) -> Candidate:
     backend = backends.get(backend_name)
-    c = Candidate(f"{backend_name}/fp32", backend_name)
+    c = Candidate(f"{backend_name}/{precision}", backend_name, precision)
     staged.mkdir(parents=True)
     before = len(subject.notes)
     steps = iter(("exporting", "loading the artifact back", "verifying", f"timing at batch {', '.join(map(str, batch_sizes))}"))
@@ -165,6 +187,13 @@ def _try_variant(backend_name: str, subject: Subject, staged: Path, verify: Veri
         prog.step(c.variant, next(steps))
         t0 = time.perf_counter()
         meta = backend.export(subject, staged, options={})
+        if precision.startswith("int8"):
+            from kiln.transforms.onnx_int8 import quantize
+
+            fp32 = staged / meta["file"]
+            quantize(fp32, staged / "model.int8.onnx", precision, inputs=subject.inputs, calibration=verify.calibration)
+            fp32.unlink()
+            meta = {**meta, "file": "model.int8.onnx", "precision": precision}
         c.export_s = time.perf_counter() - t0
         prog.step(c.variant, next(steps))
         t0 = time.perf_counter()
@@ -178,7 +207,7 @@ def _try_variant(backend_name: str, subject: Subject, staged: Path, verify: Veri
             raise KilnError(f"the artifact fails on verification inputs: {type(e).__name__}: {first_line(e)}") from None
         checks = compare(subject.outputs, ref_out, got, verify.labels)
         c.accuracy = to_dict(checks)
-        problems = judge(checks, budget)
+        problems = judge(checks, budget.for_precision(precision))
         if problems:
             c.status, c.reason = "rejected", "; ".join(problems)
             return c

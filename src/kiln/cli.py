@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help=".npz with one array per input name and optional 'labels' (default: synthetic inputs)")
     b.add_argument("--tolerance", type=float, default=1e-3, help="max |variant-ref| / max|ref| per output (default: 1e-3)")
     b.add_argument("--min-cosine", type=float, default=0.999, help="minimum cosine similarity per output (default: 0.999)")
+    b.add_argument("--precision", choices=("fp32", "int8", "auto"), default="auto",
+                   help="bound the search: fp32 only, int8 only, or both (default: auto)")
+    b.add_argument("--calib", help=".npz for int8 calibration (default: a held-out part of --data, else synthetic)")
+    b.add_argument("--int8-min-cosine", type=float, default=0.99, help="int8 budget: minimum cosine (default: 0.99)")
+    b.add_argument("--int8-min-top1", type=float, default=0.97, help="int8 budget: minimum top-1 agreement (default: 0.97)")
     b.add_argument("--batch", default="1,32", help="batch sizes to time, comma-separated (default: 1,32)")
     b.add_argument("--objective", choices=("latency", "throughput"), default="latency",
                    help="latency: lowest p50 at the smallest batch; throughput: most items/s at the largest")
@@ -226,7 +231,9 @@ def _build(args: argparse.Namespace) -> int:
     console = _console()
     result = build(
         args.source, weights=args.weights, inputs=args.inputs, name=args.name, repo=args.repo, data=args.data,
-        budget=Budget(tolerance=args.tolerance, min_cosine=args.min_cosine),
+        budget=Budget(tolerance=args.tolerance, min_cosine=args.min_cosine, int8_min_cosine=args.int8_min_cosine,
+                      int8_min_top1_agreement=args.int8_min_top1),
+        precision=args.precision, calib=args.calib,
         batch_sizes=_int_list(args.batch, "--batch"), objective=args.objective,
         backend_names=args.backends.split(",") if args.backends else None, device=args.device,
         dim_sizes=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),

@@ -26,6 +26,7 @@ class VerifyData:
     description: str
     items: int
     from_user: bool = False
+    calibration: list[list[torch.Tensor]] | None = None
 
 
 def batch_dim(inputs: list[TensorSpec]) -> str | None:
@@ -58,17 +59,29 @@ def read_npz(path: Path, inputs: list[TensorSpec]) -> tuple[list[np.ndarray], np
     return xs, labels
 
 
-def verification_data(inputs: list[TensorSpec], data: Path | None, *, seed: int = 1234) -> VerifyData:
+def verification_data(inputs: list[TensorSpec], data: Path | None, *, seed: int = 1234, calib: Path | None = None,
+                      hold_out: bool = False) -> VerifyData:
+    """Verification batches, plus calibration batches disjoint from them: `calib`, else (with `hold_out`)
+    the first quarter of `data` (at most 256 items), else synthetic inputs of another seed."""
     b = batch_dim(inputs)
+    calibration: list[list[torch.Tensor]] | None = None
+    if calib is not None:
+        cx, _ = read_npz(calib, inputs)
+        calibration = _chunks(inputs, cx, 0, min(len(cx[0]), 512), 64)
     if data is not None:
         xs, labels = read_npz(data, inputs)
         if b is None:
             raise KilnError("--data needs a model with a dynamic batch dim", hint="name the first dim, e.g. image:float32[batch,1,8,8]")
-        n = min(len(xs[0]), MAX_ITEMS)
-        bounds = [0, 1] + list(range(64, n, 64)) + [n] if n > 1 else [0, n]
-        bounds = sorted(set(bounds))
+        start = 0
+        if hold_out and calibration is None and len(xs[0]) >= 8:
+            start = min(256, len(xs[0]) // 4)
+            calibration = _chunks(inputs, xs, 0, start, 64)
+        n = min(len(xs[0]), start + MAX_ITEMS)
+        bounds = sorted({start, start + 1, *range(start + 64, n, 64), n})
         batches = [[to_tensor(x[lo:hi], s) for s, x in zip(inputs, xs)] for lo, hi in zip(bounds, bounds[1:])]
-        return VerifyData(batches, labels[:n] if labels is not None else None, f"{data.name} ({n} items)", n, from_user=True)
+        held = f"; {start} others held out for calibration" if start else ""
+        return VerifyData(batches, labels[start:n] if labels is not None else None, f"{data.name} ({n - start} items{held})",
+                          n - start, from_user=True, calibration=calibration)
     rng = np.random.default_rng(seed)
     batches = []
     rounds = _SYNTHETIC_BATCHES if b else (1, 1, 1, 1)
@@ -78,7 +91,17 @@ def verification_data(inputs: list[TensorSpec], data: Path | None, *, seed: int 
             sizes[b] = size
         batches.append([to_tensor(synthetic(s, sizes, rng), s) for s in inputs])
     items = sum(len(x[0]) for x in batches) if b else len(batches)
-    return VerifyData(batches, None, f"synthetic inputs ({items} items)", items)
+    if calibration is None:
+        crng = np.random.default_rng(seed + 1)
+        csizes = example_sizes(inputs)
+        if b:
+            csizes[b] = 16
+        calibration = [[to_tensor(synthetic(s, csizes, crng), s) for s in inputs] for _ in range(4)]
+    return VerifyData(batches, None, f"synthetic inputs ({items} items)", items, calibration=calibration)
+
+
+def _chunks(inputs: list[TensorSpec], xs: list[np.ndarray], lo: int, hi: int, size: int) -> list[list[torch.Tensor]]:
+    return [[to_tensor(x[a:min(hi, a + size)], s) for s, x in zip(inputs, xs)] for a in range(lo, hi, size)]
 
 
 def timing_inputs(inputs: list[TensorSpec], batch: int, verify: VerifyData, dim_sizes: dict[str, int]) -> list[torch.Tensor]:

@@ -131,4 +131,4 @@ def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], output
         feeds = {s.name: x.numpy(force=True) for s, x in zip(inputs, xs)}
         return [torch.from_numpy(np.asarray(o)) for o in sess.run(out_names, feeds)]
 
-    return Runner(f"{NAME}/fp32", inputs, outputs, fn, device, {"providers": sess.get_providers()})
+    return Runner(f"{NAME}/{meta.get('precision', 'fp32')}", inputs, outputs, fn, device, {"providers": sess.get_providers()})
