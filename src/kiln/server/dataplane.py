@@ -13,7 +13,7 @@ import numpy as np
 from kiln import __version__, repository
 from kiln.errors import KilnError
 from kiln.server.batcher import Closed, Expired, QueueFull
-from kiln.server.codec import DATATYPES, BadRequest, decode_request, encode_response, split_body
+from kiln.server.codec import DATATYPES, BadRequest, Decoded, decode_request, encode_response, split_body
 from kiln.server.config import load_config
 from kiln.server.metrics import Metrics
 from kiln.server.model import ServedModel
@@ -187,19 +187,33 @@ class DataPlane:
     # -- inference --------------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, body: bytes, header_length: str | None,
                     timeout_ms: str | None = None) -> tuple[bytes, int | None]:
-        t0 = time.perf_counter()
+        """One V2 request body (JSON, or JSON + binary tensors) -> the response body and its header length."""
         m = self.get(name, version)
+
+        async def work() -> tuple[bytes, int | None]:
+            doc, tail = split_body(body, header_length)
+            req, outs = await self._run(m, doc, tail, timeout_ms)
+            names = {s.name: i for i, s in enumerate(m.outputs)}
+            return encode_response(name, m.version, req.id, req.outputs, [outs[names[n]] for n in req.outputs],
+                                   m.outputs, req.binary)
+
+        return await self._observed(m, work)
+
+    async def _run(self, m: ServedModel, doc: dict[str, Any], tail: memoryview,
+                   timeout_ms: str | None) -> tuple[Decoded, list[np.ndarray]]:
+        """Validate a decoded V2 request against the model's specs, then run it through the batcher."""
+        req = decode_request(doc, tail, m.inputs, m.outputs, batched=m.batched, allow_nonfinite=m.config.allow_nonfinite)
+        if m.batched and req.rows > m.config.max_batch_size:
+            raise BadRequest(f"the request has {req.rows} rows, more than max_batch_size {m.config.max_batch_size}; "
+                             "split it, or raise max_batch_size in config.toml")
+        return req, await m.infer(req, timeout_s=_timeout(timeout_ms, req.parameters))
+
+    async def _observed(self, m: ServedModel, work: Any) -> Any:
+        """Run one request's work with its statistics and metrics; map failures to HTTP errors."""
+        t0 = time.perf_counter()
         labels = (m.name, m.version)
         try:
-            doc, tail = split_body(body, header_length)
-            req = decode_request(doc, tail, m.inputs, m.outputs, batched=m.batched, allow_nonfinite=m.config.allow_nonfinite)
-            if m.batched and req.rows > m.config.max_batch_size:
-                raise BadRequest(f"the request has {req.rows} rows, more than max_batch_size {m.config.max_batch_size}; "
-                                 "split it, or raise max_batch_size in config.toml")
-            outs = await m.infer(req, timeout_s=_timeout(timeout_ms, req.parameters))
-            names = {s.name: i for i, s in enumerate(m.outputs)}
-            result = encode_response(name, m.version, req.id, req.outputs, [outs[names[n]] for n in req.outputs],
-                                     m.outputs, req.binary)
+            result = await work()
         except BaseException as e:
             elapsed = time.perf_counter() - t0
             m.stats.fail_count += 1
@@ -236,16 +250,12 @@ class DataPlane:
                 a = np.asarray(columns[s.name], dtype=np.dtype(s.dtype) if s.dtype != "bfloat16" else np.float32)
             except (ValueError, TypeError):
                 raise BadRequest(f'instances for input "{s.name}" must be numbers of shape {list(s.shape[1:])}') from None
-            inputs.append({"name": s.name, "datatype": DATATYPES[s.dtype], "shape": list(a.shape), "data": a.ravel().tolist()})
-        import orjson
-
-        body, _ = await self.infer(name, None, orjson.dumps({"inputs": inputs}), None)
-        outs = orjson.loads(body)["outputs"]
-        arrays = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in outs}
-        rows = len(instances)
-        if len(arrays) == 1:
-            return {"predictions": next(iter(arrays.values())).tolist()}
-        return {"predictions": [{k: v[i].tolist() for k, v in arrays.items()} for i in range(rows)]}
+            inputs.append({"name": s.name, "datatype": DATATYPES[s.dtype], "shape": list(a.shape), "data": a})
+        # Straight to validation and the batcher: no JSON round trip in between.
+        _, outs = await self._observed(m, lambda: self._run(m, {"inputs": inputs}, memoryview(b""), None))
+        if len(outs) == 1:
+            return {"predictions": outs[0].tolist()}
+        return {"predictions": [{s.name: o[i].tolist() for s, o in zip(m.outputs, outs)} for i in range(len(instances))]}
 
 
 def _timeout(header: str | None, params: dict[str, Any]) -> float | None:
