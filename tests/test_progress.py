@@ -14,7 +14,7 @@ def test_lines_count_every_step_of_a_build(weights_dir: Path, tmp_path: Path) ->
     lines = out.getvalue().splitlines()
     steps = [ln for ln in lines if ln.strip().startswith("[")]
     assert len(steps) == 8 and steps[0].strip().startswith("[ 1/8") and steps[-1].strip().startswith("[ 8/8")
-    assert "eager/fp32: exporting" in steps[0] and "left]" in steps[-1] or "s]" in steps[-1]
+    assert "eager/fp32: exporting" in steps[0] and "s left]" in steps[1]  # an estimate once a step is done
     assert any("onnxruntime/fp32: accepted" in ln for ln in lines)
 
 

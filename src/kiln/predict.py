@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +38,6 @@ class Summary:
     elapsed_s: float
     items_per_s: float
     engine: str = "local"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

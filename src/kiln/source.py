@@ -147,9 +147,9 @@ def _import_attr(src: ModelSource) -> Any:
             raise KilnError(f"cannot import module {src.module!r}: {e}",
                             hint="install the package or use path/to/file.py:Factory") from None
     if not hasattr(mod, src.attr):  # type: ignore[arg-type]
-        public = sorted(n for n in vars(mod) if not n.startswith("_") and isinstance(getattr(mod, n), type) or callable(getattr(mod, n, None)))
+        public = sorted(n for n, v in vars(mod).items() if not n.startswith("_") and callable(v))
         raise KilnError(f"{src.path or src.module} has no attribute {src.attr!r}",
-                        hint=f"available: {', '.join(n for n in public if not n.startswith('_'))[:300]}")
+                        hint=f"available: {', '.join(public)[:300]}")
     return getattr(mod, src.attr)  # type: ignore[arg-type]
 
 

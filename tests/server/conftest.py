@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import uvicorn
 
 from kiln.server.app import create_app
 from kiln.server.dataplane import DataPlane
+from v2client import wait_ready
 
 
 def free_port() -> int:
@@ -34,15 +33,8 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server did not become ready")
+        wait_ready(self.url)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

@@ -17,6 +17,7 @@ import kiln
 from kiln.server.app import create_app
 from kiln.server.dataplane import DataPlane
 from support import DIGITS
+from v2client import check_two
 
 from .conftest import ServerThread
 
@@ -76,30 +77,12 @@ def test_binary_extension_by_hand(server: ServerThread, digits: tuple) -> None:
 
 
 def test_tritonclient(server: ServerThread) -> None:
-    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("two") and client.is_model_ready("two", "1")
-    meta = client.get_model_metadata("two")
-    assert [i["name"] for i in meta["inputs"]] == ["a", "b"] and [o["name"] for o in meta["outputs"]] == ["embedding", "score"]
-    assert client.get_model_config("two")["max_batch_size"] == 32
-    a = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
-    b = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
-    results = []
-    for binary in (False, True):
-        ins = [triton.InferInput("a", [5, 4], "FP32"), triton.InferInput("b", [5, 6], "FP32")]
-        ins[0].set_data_from_numpy(a, binary_data=binary)
-        ins[1].set_data_from_numpy(b, binary_data=binary)
-        outs = [triton.InferRequestedOutput("embedding", binary_data=binary), triton.InferRequestedOutput("score", binary_data=binary)]
-        res = client.infer("two", ins, outputs=outs, request_id="t1")
-        results.append((res.as_numpy("embedding"), res.as_numpy("score")))
-        assert res.get_response()["id"] == "t1"
-    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
-    assert results[0][0].shape == (5, 8) and results[1][1].shape == (5, 1)
+    client, a, b, score = check_two(server.url)
     # no outputs named: tritonclient asks for every output in binary
     ins = [triton.InferInput("a", [5, 4], "FP32"), triton.InferInput("b", [5, 6], "FP32")]
     ins[0].set_data_from_numpy(a)
     ins[1].set_data_from_numpy(b)
-    np.testing.assert_allclose(client.infer("two", ins).as_numpy("score"), results[0][1], rtol=1e-6)
+    np.testing.assert_allclose(client.infer("two", ins).as_numpy("score"), score, rtol=1e-6)
     stats = client.get_inference_statistics("two")["model_stats"][0]
     assert stats["inference_count"] >= 15 and stats["inference_stats"]["success"]["count"] >= 3
     index = {m["name"]: m["state"] for m in client.get_model_repository_index()}

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from v2client import wait_ready
+
 from .conftest import free_port
 
 
@@ -23,16 +25,7 @@ def test_sigterm_drains_in_flight_requests(serve_repo: Path) -> None:
                              "--models", "slow,digits", "--grace-s", "20", "--log-json", "--max-queue-size", "16"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
+        wait_ready(url, proc)
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 
         def call(_: int) -> httpx.Response:
