@@ -29,11 +29,12 @@ def eager(name: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, tuple) else [out]
 
 
-@pytest.mark.parametrize("backend", ORDER)
+@pytest.mark.parametrize("backend", [b for b in ORDER if b != "tensorrt"])  # TensorRT: tests/test_cuda.py
 @pytest.mark.parametrize("name", ROUND_TRIP)
 def test_round_trip(built: Callable[[str], kiln.BuildResult], name: str, backend: str) -> None:
     result = built(name)
-    c = result.candidate(f"{backend}/fp32")
+    # with BatchNorm in the model, the fp32 variants fold it first (fp32+bnfold): exact up to rounding
+    c = next((c for c in result.candidates if c.variant == f"{backend}/fp32+bnfold"), None) or result.candidate(f"{backend}/fp32")
     assert c.status == "accepted", c.reason
     runner = kiln.load(str(result.path), variant=c.variant)
     for batch, seed in ((1, 5), (9, 6)):

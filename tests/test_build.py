@@ -99,7 +99,9 @@ def test_onnx_source_reads_its_signature(tmp_path: Path) -> None:
     assert [str(s) for s in r.inputs] == ["features:float32[batch,16]"]
     assert r.selected is not None and r.selected.startswith("onnxruntime/")
     for c in r.candidates:
-        if c.backend != "onnxruntime":
+        if c.backend == "tensorrt":  # TensorRT reads ONNX too, but needs an NVIDIA GPU
+            assert c.status == "skipped" and "NVIDIA GPU" in c.reason
+        elif c.backend != "onnxruntime":
             assert c.status == "skipped" and "runs only on onnxruntime" in c.reason
     x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
     fp32 = kiln.load(str(r.path), variant="onnxruntime/fp32")  # the selected one may be int8: close, not equal
@@ -145,6 +147,69 @@ def test_static_int8_is_calibrated_and_qdq(tmp_path: Path) -> None:
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
-    with pytest.raises(kiln.KilnError, match="no variant of eager has precision int8"):
+    with pytest.raises(kiln.KilnError, match="no variant of torchscript matches --precision int8"):
         kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", repo=tmp_path,
-                   backend_names=("eager",), precision="int8")
+                   backend_names=("torchscript",), precision="int8")
+
+
+def test_torch_int8_is_picked_only_inside_the_budget(weights_dir: Path, tmp_path: Path) -> None:
+    """torchao dynamic int8 (eager) and PT2E static int8 (AOTInductor) are found, verified, and refused out of budget."""
+    kw = dict(weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path, batch_sizes=(1, 8))
+    r = kiln.build(f"{ZOO}:MLP", variants=["eager/fp32", "eager/int8-dynamic", "aoti/int8-static"], **kw)  # type: ignore[arg-type]
+    status = {c.variant: c.status for c in r.candidates}
+    assert status == {"eager/fp32": "accepted", "eager/int8-dynamic": "accepted", "aoti/int8-static": "accepted"}, \
+        [c.reason for c in r.candidates]
+    assert all(min(a["cosine"] for a in r.candidate(v).accuracy) >= 0.99 for v in status)
+    assert r.manifest["candidates"][2]["precision"] == "int8-static" and r.selected in status
+    runner = kiln.load(r.path, variant="aoti/int8-static")  # type: ignore[arg-type]
+    x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+    ref = kiln.load(r.path, variant="eager/fp32")(x)  # type: ignore[arg-type]
+    assert runner(x).shape == (5, 5) and np.corrcoef(runner(x).ravel(), ref.ravel())[0, 1] > 0.99
+    tight = kiln.build(f"{ZOO}:MLP", variants=["eager/fp32", "eager/int8-dynamic"],
+                       budget=Budget(int8_min_cosine=0.9999999), **kw)  # type: ignore[arg-type]
+    dyn = tight.candidate("eager/int8-dynamic")
+    assert dyn.status == "rejected" and "cosine" in dyn.reason and tight.selected == "eager/fp32"
+    assert "eager-int8-dynamic" not in {p.name for p in (tight.path / "variants").iterdir()}  # type: ignore[operator]
+
+
+def test_pruned_variants_are_judged_and_show_size_and_speed(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    digits = ROOT / "examples" / "digits"
+    loose = Budget(int8_tolerance=10, int8_min_cosine=0.5, int8_min_top1_agreement=0.5)
+    r = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
+                   repo=tmp_path, prune=0.3, budget=loose, backend_names=("eager", "onnxruntime"), precision="fp32",
+                   variants=["eager/fp32", "onnxruntime/fp32*"])
+    mag, chan, dense = (r.candidate(f"onnxruntime/fp32{s}") for s in ("+prune30", "+chprune30", ""))
+    assert mag.status == chan.status == "accepted", (mag.reason, chan.reason)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(r.path / mag.artifact["dir"] / "model.onnx")).graph.initializer]  # type: ignore[index, operator]
+    matrices = [w for w in weights if w.ndim >= 2]
+    assert sum((w == 0).sum() for w in matrices) >= 0.29 * sum(w.size for w in matrices)  # pruned weights really zero
+    assert chan.artifact["bytes"] < 0.8 * dense.artifact["bytes"]  # type: ignore[index]
+    assert all(c.timings for c in (mag, chan)) and any("removed 24 of 80 channels" in n for n in chan.notes)
+    strict = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
+                        repo=tmp_path, prune=0.3, variants=["eager/fp32", "onnxruntime/fp32+chprune30"])
+    rejected = strict.candidate("onnxruntime/fp32+chprune30")
+    assert rejected.status == "rejected" and rejected.timings and rejected.size_bytes > 0  # timed: the report shows the cost
+    assert strict.selected == "eager/fp32"
+
+
+def test_cuda_only_variants_skip_cleanly_on_a_cpu(weights_dir: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from kiln.backends import cuda, eager
+    from kiln.backends.common import Skip, Subject
+    from kiln.source import ModelSource
+    from kiln.transforms import Recipe
+
+    r = kiln.build(f"{ZOO}:MLP", weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path,
+                   backend_names=("eager", "tensorrt"), precision="fp32")
+    trt = r.candidate("tensorrt/fp32")
+    assert trt.status == "skipped" and "NVIDIA GPU" in trt.reason and r.selected == "eager/fp32"
+    with pytest.raises(Skip, match="no CUDA GPU"):
+        cuda.configure("cuda")
+    subject = Subject(ModelSource.parse(f"{ZOO}:MLP"), zoo.seeded(zoo.MLP), [], [], [])
+    with pytest.raises(Skip, match="CUDA graphs need a CUDA device"):
+        eager.export(subject, tmp_path, options={"recipe": Recipe("fp16", ("cudagraphs",))})
+    assert cuda.buckets_for([1, 48]) == [1, 2, 4, 8, 16, 32, 48, 64]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 import kiln
 from kiln import repository
@@ -33,9 +34,13 @@ def test_manifest_contents(built: Callable[[str], kiln.BuildResult]) -> None:
     assert m["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}]
     assert {"torch", "onnxruntime", "numpy", "kiln", "python"} <= m["libraries"].keys()
     assert m["device"]["device"] == "cpu" and m["device"]["cores"] >= 1
-    fp32 = {f"{b}/fp32" for b in kiln.build.__globals__["backends"].ORDER}
-    assert {c["variant"] for c in m["candidates"]} == fp32 | {"onnxruntime/int8-dynamic", "onnxruntime/int8-static"}
+    fp32 = {f"{b}/fp32" for b in kiln.build.__globals__["backends"].ORDER if b != "tensorrt"}
+    assert {c["variant"] for c in m["candidates"]} == fp32 | {"onnxruntime/int8-dynamic", "onnxruntime/int8-static",
+                                                              "tensorrt/fp32"}
     for c in m["candidates"]:
+        if c["variant"] == "tensorrt/fp32":  # no GPU here: skipped, with the reason kept in the manifest
+            assert c["status"] == "skipped" and "NVIDIA GPU" in c["reason"] and not torch.cuda.is_available()
+            continue
         assert c["status"] in ("accepted", "rejected") and c["accuracy"], c
         assert c["status"] == "accepted" or c["variant"] not in fp32
         if c["status"] != "accepted":

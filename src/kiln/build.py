@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import io
 import logging
 import os
@@ -24,6 +26,7 @@ from kiln.backends.common import Skip, Subject, first_line
 from kiln.bench.timing import Timing, time_runner
 from kiln.data import VerifyData, batch_dim, timing_inputs, verification_data
 from kiln.errors import KilnError
+from kiln.plan import Variant, plan, probe_low_precision
 from kiln.progress import Reporter, Silent
 from kiln.runner import Runner
 from kiln.signature import FlatModel, discover_outputs, example_inputs
@@ -41,12 +44,15 @@ class Candidate:
     variant: str
     backend: str
     precision: str = "fp32"
+    passes: list[str] = field(default_factory=list)
     status: Status = "failed"
     reason: str = ""
     accuracy: list[dict[str, Any]] = field(default_factory=list)
     timings: list[Timing] = field(default_factory=list)
     export_s: float = 0.0
     load_s: float = 0.0
+    size_bytes: int = 0
+    peak_gpu_mb: float | None = None
     notes: list[str] = field(default_factory=list)
     artifact: dict[str, Any] | None = None
 
@@ -84,13 +90,17 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
           budget: Budget | None = None, batch_sizes: Sequence[int] = (1, 32), objective: Objective = "latency",
           backend_names: Sequence[str] | None = None, device: str = "cpu", dim_sizes: dict[str, int] | None = None,
           progress: Reporter | None = None, report: bool = True, precision: str = "auto",
-          calib: str | Path | None = None) -> BuildResult:
+          calib: str | Path | None = None, prune: float | None = None,
+          variants: Sequence[str] | None = None) -> BuildResult:
     """Build, verify and select; write repo/<name>/<version>/ and return what happened.
 
     >>> result = kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors",
     ...                     data="examples/digits/test.npz", repo="models")
     >>> result.selected
     'onnxruntime/fp32'
+
+    `precision` bounds the search (fp32, fp16, bf16, int8 or auto), `prune` adds pruned variants (a fraction),
+    `variants` keeps only variants matching these glob patterns (e.g. ["compile/fp16*", "eager/fp32*"]).
     """
     prog = progress or Silent()
     budget = budget or Budget()
@@ -103,7 +113,6 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     names = list(backend_names or backends.ORDER)
     for n in names:
         backends.get(n)
-    plan = _variants(names, precision)
     src = ModelSource.parse(source, weights=weights)
     in_specs, toml_name, preprocess = _input_specs(src, inputs)
     name = repository.check_name(name or toml_name or _default_name(src))
@@ -114,7 +123,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
                 raise KilnError(f"no input spec for {src.text}",
                                 hint="give --input NAME:DTYPE[DIMS] (e.g. image:float32[batch,1,8,8]) or a kiln.toml beside the model")
             out_specs = discover_outputs(module, in_specs)
-            reference: Callable[[list[torch.Tensor]], list[torch.Tensor]] = _eager_reference(module)
+            reference: Callable[[list[torch.Tensor]], list[torch.Tensor]] = _eager_reference(module, device)
         else:
             from kiln.backends import onnxruntime as ortb
 
@@ -122,19 +131,26 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
             in_specs = _merge_onnx_inputs(graph_in, in_specs)
             sess = ortb.session(src.path)  # type: ignore[arg-type]
             reference = _onnx_reference(sess, in_specs, out_specs)
-        int8_static = any(p == "int8-static" for _, p in plan)
+        todo = plan(names, precision=precision, device=device, module=module, prune=prune, patterns=variants,
+                    transformable=src.kind == "python")
+        int8_static = any(v.recipe.precision == "int8-static" for v in todo)
         verify = verification_data(in_specs, Path(data) if data else None, calib=Path(calib) if calib else None,
                                    hold_out=int8_static)
-        prog.start(len(plan) * _STEPS)
+        sizes = sorted(set(batch_sizes)) if batch_dim(in_specs) else [1]
+        left_out: dict[str, str] = {}
+        if module is not None and device == "cpu" and precision == "auto" and any(v.recipe.dtype for v in todo):
+            left_out = probe_low_precision(module, timing_inputs(in_specs, sizes[-1], verify, dim_sizes or {}))
+        prog.start(sum(v.recipe.precision not in left_out for v in todo) * _STEPS)
         prog.note(f"verifying against fp32 {'eager' if module is not None else 'onnxruntime'} on {verify.description}")
         ref_out = [[o.numpy(force=True) for o in reference(b)] for b in verify.batches]
         subject = Subject(src, module, in_specs, out_specs, example_inputs(in_specs), device)
-        sizes = sorted(set(batch_sizes)) if batch_dim(in_specs) else [1]
         with tempfile.TemporaryDirectory(prefix="kiln-build-") as tmp:
             candidates = [
-                _try_variant(n, p, subject, Path(tmp) / repository.variant_dir(f"{n}/{p}"), verify, ref_out, budget, sizes,
+                Candidate(v.name, v.backend, v.recipe.precision, list(v.recipe.passes), "skipped", left_out[v.recipe.precision])
+                if v.recipe.precision in left_out else
+                _try_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out, budget, sizes,
                              dim_sizes or {}, prog)
-                for n, p in plan
+                for v in todo
             ]
             accepted = [c for c in candidates if c.status == "accepted"]
             selected = _select(accepted, objective, sizes)
@@ -159,43 +175,29 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     return result
 
 
-def _variants(names: list[str], precision: str) -> list[tuple[str, str]]:
-    """(backend, precision) pairs the search tries, bounded by --precision."""
-    from kiln.transforms.onnx_int8 import PRECISIONS as INT8
-
-    if precision not in ("fp32", "int8", "auto"):
-        raise KilnError(f"unknown --precision {precision!r}", hint="use fp32, int8 or auto")
-    out = []
-    for n in names:
-        options = ["fp32"] + (list(INT8) if n == "onnxruntime" else [])
-        out += [(n, p) for p in options if precision == "auto" or p.split("-")[0] == precision]
-    if not out:
-        raise KilnError(f"no variant of {', '.join(names)} has precision {precision}",
-                        hint="int8 variants come from the onnxruntime backend; use --precision auto or fp32")
-    return out
-
-
-def _try_variant(backend_name: str, precision: str, subject: Subject, staged: Path, verify: VerifyData,
+def _try_variant(variant: Variant, subject: Subject, staged: Path, verify: VerifyData,
                  ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
                  prog: Reporter) -> Candidate:
-    backend = backends.get(backend_name)
-    c = Candidate(f"{backend_name}/{precision}", backend_name, precision)
+    backend = backends.get(variant.backend)
+    recipe = variant.recipe
+    c = Candidate(variant.name, variant.backend, recipe.precision, list(recipe.passes))
     staged.mkdir(parents=True)
     before = len(subject.notes)
     steps = iter(("exporting", "loading the artifact back", "verifying", f"timing at batch {', '.join(map(str, batch_sizes))}"))
     try:
         prog.step(c.variant, next(steps))
         t0 = time.perf_counter()
-        meta = backend.export(subject, staged, options={})
-        if precision.startswith("int8"):
-            from kiln.transforms.onnx_int8 import quantize
-
-            fp32 = staged / meta["file"]
-            quantize(fp32, staged / "model.int8.onnx", precision, inputs=subject.inputs, calibration=verify.calibration)
-            fp32.unlink()
-            meta = {**meta, "file": "model.int8.onnx", "precision": precision}
+        options = {"recipe": recipe, "calibration": verify.calibration, "batch_sizes": batch_sizes, "dim_sizes": dim_sizes}
+        meta = backend.export(subject, staged, options=options)
         c.export_s = time.perf_counter() - t0
+        c.size_bytes = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
         prog.step(c.variant, next(steps))
+        cuda = subject.device.startswith("cuda")
+        if cuda:  # what this variant holds and needs on the GPU: its weights, workspace and activations
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(subject.device)
+            mem0 = torch.cuda.memory_allocated(subject.device)
         t0 = time.perf_counter()
         runner: Runner = backend.load(staged, meta, subject.inputs, subject.outputs, device=subject.device)
         c.load_s = time.perf_counter() - t0
@@ -207,14 +209,19 @@ def _try_variant(backend_name: str, precision: str, subject: Subject, staged: Pa
             raise KilnError(f"the artifact fails on verification inputs: {type(e).__name__}: {first_line(e)}") from None
         checks = compare(subject.outputs, ref_out, got, verify.labels)
         c.accuracy = to_dict(checks)
-        problems = judge(checks, budget.for_precision(precision))
-        if problems:
+        problems = judge(checks, budget.for_recipe(recipe.precision, lossy=recipe.prune() is not None))
+        if problems and recipe.prune() is None:
             c.status, c.reason = "rejected", "; ".join(problems)
             return c
         prog.step(c.variant, next(steps))
-        for b in batch_sizes:
-            c.timings.append(time_runner(runner, timing_inputs(subject.inputs, b, verify, dim_sizes), batch=b))
-        c.status = "accepted"
+        for b in batch_sizes:  # pruned variants are timed even when rejected: the report shows what pruning buys
+            xs = timing_inputs(subject.inputs, b, verify, dim_sizes)
+            if cuda:  # on a GPU the model is timed, not the PCIe link: inputs start on the device
+                xs = [x.to(subject.device) for x in xs]
+            c.timings.append(time_runner(runner, xs, batch=b))
+        if cuda:
+            c.peak_gpu_mb = (torch.cuda.max_memory_allocated(subject.device) - mem0) / 2**20
+        c.status, c.reason = ("rejected", "; ".join(problems)) if problems else ("accepted", "")
     except Skip as e:
         c.status, c.reason = "skipped", str(e)
     except KilnError as e:
@@ -274,12 +281,18 @@ def _merge_onnx_inputs(graph: list[TensorSpec], given: list[TensorSpec]) -> list
     return given
 
 
-def _eager_reference(module: torch.nn.Module) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+def _eager_reference(module: torch.nn.Module, device: str = "cpu") -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """fp32 eager on the build's device (on CUDA with TF32 off: fp32 means fp32); the module itself stays on the CPU."""
     flat = FlatModel(module).eval()
+    if device.startswith("cuda"):
+        from kiln.backends import cuda
+
+        cuda.configure(device)
+        flat = copy.deepcopy(flat).to(device)
 
     def run(xs: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
-            return list(flat(*xs))
+            return list(flat(*(x.to(device) for x in xs)))
 
     return run
 

@@ -76,15 +76,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help=".npz with one array per input name and optional 'labels' (default: synthetic inputs)")
     b.add_argument("--tolerance", type=float, default=1e-3, help="max |variant-ref| / max|ref| per output (default: 1e-3)")
     b.add_argument("--min-cosine", type=float, default=0.999, help="minimum cosine similarity per output (default: 0.999)")
-    b.add_argument("--precision", choices=("fp32", "int8", "auto"), default="auto",
-                   help="bound the search: fp32 only, int8 only, or both (default: auto)")
+    b.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "auto"), default="auto",
+                   help="bound the search to one precision; auto tries all (fp16/bf16 on a CPU only where they "
+                        "measure faster) (default: auto)")
+    b.add_argument("--prune", type=float, metavar="FRACTION",
+                   help="also try pruned variants: magnitude (prune<P>) and structured channels (chprune<P>), e.g. 0.3")
+    b.add_argument("--variants", metavar="GLOBS",
+                   help="comma-separated glob patterns of variants to try, e.g. 'compile/fp16*,eager/fp32*'")
+    b.add_argument("--half-min-cosine", type=float, default=0.999, help="fp16/bf16 budget: minimum cosine (default: 0.999)")
     b.add_argument("--calib", help=".npz for int8 calibration (default: a held-out part of --data, else synthetic)")
-    b.add_argument("--int8-min-cosine", type=float, default=0.99, help="int8 budget: minimum cosine (default: 0.99)")
+    b.add_argument("--int8-min-cosine", type=float, default=0.99,
+                   help="int8 and pruned budget: minimum cosine (default: 0.99)")
     b.add_argument("--int8-min-top1", type=float, default=0.97, help="int8 budget: minimum top-1 agreement (default: 0.97)")
     b.add_argument("--batch", default="1,32", help="batch sizes to time, comma-separated (default: 1,32)")
     b.add_argument("--objective", choices=("latency", "throughput"), default="latency",
                    help="latency: lowest p50 at the smallest batch; throughput: most items/s at the largest")
-    b.add_argument("--backends", help="comma-separated subset of eager,torchscript,aoti,onnxruntime,compile")
+    b.add_argument("--backends", help="comma-separated subset of eager,torchscript,aoti,onnxruntime,compile,tensorrt")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     b.add_argument("--dim-size", action="append", default=[], metavar="DIM=N",
                    help="size of a non-batch dynamic dim when timing, e.g. seq=128 (repeatable)")
@@ -232,8 +239,9 @@ def _build(args: argparse.Namespace) -> int:
     result = build(
         args.source, weights=args.weights, inputs=args.inputs, name=args.name, repo=args.repo, data=args.data,
         budget=Budget(tolerance=args.tolerance, min_cosine=args.min_cosine, int8_min_cosine=args.int8_min_cosine,
-                      int8_min_top1_agreement=args.int8_min_top1),
-        precision=args.precision, calib=args.calib,
+                      int8_min_top1_agreement=args.int8_min_top1, half_min_cosine=args.half_min_cosine),
+        precision=args.precision, calib=args.calib, prune=args.prune,
+        variants=args.variants.split(",") if args.variants else None,
         batch_sizes=_int_list(args.batch, "--batch"), objective=args.objective,
         backend_names=args.backends.split(",") if args.backends else None, device=args.device,
         dim_sizes=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),
@@ -242,7 +250,7 @@ def _build(args: argparse.Namespace) -> int:
                   f"outputs: {escape(', '.join(map(str, result.outputs)))}")
     console.print(f"verified against fp32 reference on {result.verification}")
     console.print(variants_table([c.to_dict() for c in result.candidates], result.batch_sizes, result.selected))
-    for note in result.notes + [n for c in result.candidates for n in c.notes]:
+    for note in dict.fromkeys(result.notes + [n for c in result.candidates for n in c.notes]):
         console.print(f"[dim]note: {escape(note)}[/dim]", highlight=False)
     if result.selected is None:
         print("error: no variant passed verification, nothing was written", file=sys.stderr)
@@ -324,12 +332,13 @@ def _bench(args: argparse.Namespace) -> int:
               threads=args.threads, device=args.device, data=args.data, min_time_s=args.min_time_s,
               progress=reporter(quiet=args.quiet))
     console = _console()
-    table = Table()
-    table.add_column("")
-    for v in r.variants:
-        table.add_column(escape(v.variant + (" *" if v.selected else "")), justify="right")
-    for label, cells in rows(r):
-        table.add_row(label, *cells)
+    table = Table()  # one row per variant: a build can have a dozen of them
+    table.add_column("variant", overflow="fold")
+    metrics = rows(r)
+    for label, _ in metrics:
+        table.add_column(label, justify="right", no_wrap=True, min_width=len(label))
+    for i, v in enumerate(r.variants):
+        table.add_row(escape(v.variant + (" *" if v.selected else "")), *(cells[i] for _, cells in metrics))
     failed = [v for v in r.variants if v.status != "accepted"]
     if args.json != "-" and args.csv != "-":
         console.print(f"{r.model} v{r.version} on {r.device}, {r.threads} thread(s); accuracy {r.accuracy_source}",

@@ -16,7 +16,7 @@ def from_manifest(m: dict[str, Any]) -> dict[str, Any]:
         variants.append({
             "variant": c["variant"], "status": c.get("status", "?"), "reason": c.get("reason", ""),
             "selected": c["variant"] == m.get("selected"), "timings": c.get("timings", []),
-            "load_s": c.get("load_s"), "size_bytes": art.get("bytes"), "memory_mb": None,
+            "load_s": c.get("load_s"), "size_bytes": art.get("bytes") or c.get("size_bytes"), "memory_mb": None,
             "accuracy": summarize_accuracy(c.get("accuracy", [])), "notes": c.get("notes", []),
         })
     return {
@@ -93,7 +93,7 @@ def render(data: dict[str, Any]) -> str:
             f'<td class="num">{_fmt(acc.get("top1_agreement"), ".2%")}</td>'
             f'<td class="num">{accuracy}</td></tr>')
     env = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in data.get("environment", {}).items())
-    notes = "".join(f"<li>{e(n)}</li>" for n in data.get("notes", []) + [n for v in data["variants"] for n in v.get("notes", [])])
+    notes = "".join(f"<li>{e(n)}</li>" for n in dict.fromkeys(data.get("notes", []) + [n for v in data["variants"] for n in v.get("notes", [])]))
     payload = json.dumps(data, default=str).replace("</", "<\\/")
     meta = [("source", data.get("source")), ("inputs", ", ".join(data.get("inputs", []))),
             ("outputs", ", ".join(data.get("outputs", []))), ("verified on", data.get("verification")),

@@ -18,14 +18,21 @@ class Budget:
     tolerance: float = 1e-3
     min_cosine: float = 0.999
     min_top1_agreement: float = 0.99
-    # int8 variants are judged by how much of the signal survives, not by a rounding-error bound.
+    # fp16/bf16 keep 3 significant digits (bf16 fewer): a looser error bound, the same cosine.
+    half_tolerance: float = 0.05
+    half_min_cosine: float = 0.999
+    half_min_top1_agreement: float = 0.99
+    # int8 and pruned variants are judged by how much of the signal survives, not by a rounding-error bound.
     int8_tolerance: float = 0.5
     int8_min_cosine: float = 0.99
     int8_min_top1_agreement: float = 0.97
 
-    def for_precision(self, precision: str) -> Budget:
-        if precision.startswith("int8"):
+    def for_recipe(self, precision: str, lossy: bool = False) -> Budget:
+        """The budget a variant is judged by: lossy (int8, pruned), half (fp16/bf16) or this one."""
+        if precision.startswith("int8") or lossy:
             return Budget(self.int8_tolerance, self.int8_min_cosine, self.int8_min_top1_agreement)
+        if precision in ("fp16", "bf16"):
+            return Budget(self.half_tolerance, self.half_min_cosine, self.half_min_top1_agreement)
         return self
 
 

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from kiln.errors import KilnError
 
-ORDER = ("eager", "torchscript", "aoti", "onnxruntime", "compile")
+ORDER = ("eager", "torchscript", "aoti", "onnxruntime", "compile", "tensorrt")
 
 
 def get(name: str) -> ModuleType:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import signal
 import subprocess
 import sys
@@ -11,11 +10,14 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import Skip, Subject, check_device, first_line, flatten_outputs, require_module, torch_dynamic_shapes
+from kiln.backends.common import (Skip, Subject, check_device, first_line, flatten_outputs, recipe_of, require_module,
+                                  torch_dynamic_shapes)
+from kiln.backends.eager import module_runner
 from kiln.errors import KilnError
 from kiln.runner import Runner
 from kiln.signature import FlatModel
 from kiln.spec import TensorSpec
+from kiln.transforms import Recipe, apply
 
 NAME = "aoti"
 FILE = "model.aoti.pt2"
@@ -26,13 +28,27 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
     if isinstance(module, torch.jit.ScriptModule):
         raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
     check_device(subject.device)
-    if subject.device != "cpu":
-        module = copy.deepcopy(module)  # .to() is in place: the other backends still need the CPU module
-    ep = export_program(FlatModel(module).eval(), subject)
-    torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / FILE))
+    recipe = recipe_of(options)
+    if recipe.has("cudagraphs"):
+        raise Skip("AOTInductor packages run without kiln's CUDA graphs; use compile or eager with +cudagraphs")
+    configs: dict[str, Any] = {}
+    if recipe.precision == "int8-static":
+        if subject.device != "cpu":
+            raise Skip("PT2E static int8 with the x86 Inductor quantizer targets CPUs")
+        from kiln.transforms.torch_int8 import static
+
+        base = apply(module, Recipe("fp32", recipe.passes), subject.notes)
+        examples = tuple(subject.examples)
+        ep = static(FlatModel(base).eval(), examples, torch_dynamic_shapes(subject.inputs), options.get("calibration"))
+        configs["freezing"] = True  # lets Inductor fuse the int8 patterns into oneDNN quantized kernels
+    else:
+        module = apply(module, recipe, subject.notes)  # a copy: the other backends still need the CPU module
+        ep = export_program(FlatModel(module).eval(), subject)
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / FILE), inductor_configs=configs)
     if subject.device != "cpu":
         probe_load(directory / FILE, subject.device)
-    return {"file": FILE, "device": subject.device.split(":")[0], "torch": torch.__version__.split("+")[0]}
+    return {"file": FILE, "device": subject.device.split(":")[0], "torch": torch.__version__.split("+")[0],
+            "recipe": recipe.tag}
 
 
 def probe_load(path: Path, device: str) -> None:
@@ -96,8 +112,7 @@ def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], output
     compiled = torch._inductor.aoti_load_package(str(directory / meta["file"]), device_index=index) if index >= 0 \
         else torch._inductor.aoti_load_package(str(directory / meta["file"]))
 
-    def fn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            return flatten_outputs(compiled(*(x.to(device, non_blocking=True) for x in xs)))
+    def call(*xs: torch.Tensor) -> list[torch.Tensor]:
+        return flatten_outputs(compiled(*xs))
 
-    return Runner(f"{NAME}/fp32", inputs, outputs, fn, device)
+    return module_runner(call, f"{NAME}/{meta.get('recipe', 'fp32')}", inputs, outputs, device)

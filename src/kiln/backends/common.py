@@ -15,6 +15,7 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.source import ModelSource, load_module
 from kiln.spec import TensorSpec
+from kiln.transforms import Recipe
 
 
 class Skip(Exception):
@@ -38,6 +39,11 @@ def require_module(subject: Subject, backend: str) -> nn.Module:
     if subject.module is None:
         raise Skip(f"{backend} needs a PyTorch model; an {subject.source.kind} source runs only on onnxruntime")
     return subject.module
+
+
+def recipe_of(options: dict[str, Any]) -> Recipe:
+    """The variant's recipe from export options (fp32, no passes, when none is given)."""
+    return options.get("recipe") or Recipe()
 
 
 def torch_dynamic_shapes(specs: list[TensorSpec], *, auto: bool = False) -> tuple[tuple[dict[int, Any], ...]]:

@@ -1,4 +1,9 @@
-"""torch.compile at load time: the artifact is the model code, its weights and the compile options."""
+"""torch.compile at load time: the artifact is the model code, its weights, the recipe and the compile mode.
+
+Modes: `default`, or `max-autotune` (the recipe's `max-autotune` pass: Inductor benchmarks Triton GEMM
+templates against cuBLAS). Convolutions stay with cuDNN (`max_autotune_conv_backends="ATEN"`): autotuning
+Triton conv templates costs ~10 s per conv shape and on an H100 they lost to cuDNN in every case we saw. CUDA
+graphs come from kiln's own bucketed graphs (`cudagraphs` pass), so one compiled graph serves every bucket."""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import Skip, Subject, check_device, rebuild_module, require_module, save_python_source
-from kiln.backends.eager import module_runner
+from kiln.backends.common import Skip, Subject, check_device, rebuild_module, recipe_of, require_module, save_python_source
+from kiln.backends.eager import check_recipe, module_runner, recipe_meta
 from kiln.runner import Runner
 from kiln.signature import FlatModel, example_inputs
 from kiln.spec import TensorSpec
+from kiln.transforms import Recipe, apply
 
 NAME = "compile"
 DEFAULT_OPTIONS: dict[str, Any] = {"mode": "default", "fullgraph": False}
@@ -21,28 +27,38 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
     module = require_module(subject, NAME)
     if isinstance(module, torch.jit.ScriptModule):
         raise Skip("torch.compile cannot compile a TorchScript module; give the Python source instead")
-    meta = save_python_source(subject, directory)
-    meta["compile"] = {**DEFAULT_OPTIONS, **options.get("compile", {})}
+    recipe = recipe_of(options)
+    check_recipe(recipe, subject.device)
+    apply(module, recipe, subject.notes)
+    meta = {**save_python_source(subject, directory), **recipe_meta(recipe, options)}
+    mode = "max-autotune" if recipe.has("max-autotune") else "default"
+    meta["compile"] = {**DEFAULT_OPTIONS, "mode": mode, **options.get("compile", {})}
     return meta
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
          *, device: str = "cpu") -> Runner:
     check_device(device)
-    flat = FlatModel(rebuild_module(directory, meta)).to(device).eval()
+    recipe = Recipe.parse(meta.get("recipe", "fp32"))
+    flat = FlatModel(apply(rebuild_module(directory, meta), recipe)).to(device).eval()
     opts = meta.get("compile", DEFAULT_OPTIONS)
-    compiled = torch.compile(flat, mode=opts.get("mode", "default"), fullgraph=opts.get("fullgraph", False))
-    runner = module_runner(compiled, f"{NAME}/fp32", inputs, outputs, device)
-    warm_up(runner, inputs, device)
+    static = opts.get("mode") == "max-autotune"
+    if static:  # kernels tuned for each bucket's exact shape (tuning for a symbolic batch picked slow GEMMs for BERT)
+        compiled = torch.compile(flat, fullgraph=opts.get("fullgraph", False), dynamic=False,
+                                 options={"max_autotune": True, "max_autotune_conv_backends": "ATEN"})
+    else:
+        compiled = torch.compile(flat, mode=opts.get("mode", "default"), fullgraph=opts.get("fullgraph", False))
+    runner = module_runner(compiled, f"{NAME}/{recipe.tag}", inputs, outputs, device, graphs=meta.get("cudagraph_buckets"))
+    warm_up(runner, inputs, device, dynamic=not static)
     return runner
 
 
-def warm_up(runner: Runner, inputs: list[TensorSpec], device: str) -> None:
+def warm_up(runner: Runner, inputs: list[TensorSpec], device: str, *, dynamic: bool = True) -> None:
     """Compile now, not on the first request: once with dynamic dims marked, once at batch 1."""
     xs = [x.to(device) for x in example_inputs(inputs)]
     for spec, x in zip(inputs, xs):
-        for i in spec.dynamic_dims:
-            torch._dynamo.mark_dynamic(x, i)
+        for i in spec.dynamic_dims if dynamic else ():
+            torch._dynamo.maybe_mark_dynamic(x, i)  # a hint: a model that specialises a dim still compiles
     runner.run(xs)
     sizes_1 = [x[:1] if spec.dynamic_dims.get(0) else x for spec, x in zip(inputs, xs)]
     runner.run([x.clone() for x in sizes_1])

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.backends.common import Skip, Subject, check_device, first_line, require_module, torch_dynamic_shapes
+from kiln.backends.common import Skip, Subject, check_device, first_line, recipe_of, require_module, torch_dynamic_shapes
 from kiln.errors import KilnError
 from kiln.runner import Runner
 from kiln.signature import FlatModel
 from kiln.spec import TensorSpec
+from kiln.transforms import Recipe, apply
 
 NAME = "onnxruntime"
 FILE = "model.onnx"
@@ -38,16 +39,37 @@ def _ort() -> Any:
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
     _ort()
+    recipe = recipe_of(options)
+    if recipe.dtype is not None or recipe.has("cudagraphs") or recipe.has("channels_last"):
+        raise Skip(f"kiln builds ONNX Runtime variants in fp32 and int8 only, not {recipe.tag}")
+    meta = write_onnx(subject, directory, Recipe("fp32", recipe.passes))
+    if recipe.precision.startswith("int8"):
+        from kiln.transforms.onnx_int8 import quantize
+
+        fp32 = directory / meta["file"]
+        quantize(fp32, directory / "model.int8.onnx", recipe.precision, inputs=subject.inputs,
+                 calibration=options.get("calibration"))
+        fp32.unlink()
+        meta["file"] = "model.int8.onnx"
+    return {**meta, "recipe": recipe.tag}
+
+
+def write_onnx(subject: Subject, directory: Path, recipe: Recipe) -> dict[str, Any]:
+    """The model (after the recipe's torch-side passes) as model.onnx in `directory`."""
     out = directory / FILE
     names_in = [s.name for s in subject.inputs]
     names_out = [s.name for s in subject.outputs]
     if subject.source.kind == "onnx":
         import onnx
 
+        if recipe.tag != "fp32":
+            raise Skip(f"an ONNX source is used as it is; {recipe.tag} needs the PyTorch model")
         model = onnx.load(str(subject.source.path))
         onnx.save(model, str(out), save_as_external_data=model.ByteSize() > _EXTERNAL_BYTES)
         return {"file": FILE, "exporter": "source"}
     module = require_module(subject, NAME)
+    if recipe.tag != "fp32" and not isinstance(module, torch.jit.ScriptModule):
+        module = apply(module, recipe, subject.notes)
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_BYTES
     quiet = io.StringIO()
     if isinstance(module, torch.jit.ScriptModule):
@@ -131,4 +153,4 @@ def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], output
         feeds = {s.name: x.numpy(force=True) for s, x in zip(inputs, xs)}
         return [torch.from_numpy(np.asarray(o)) for o in sess.run(out_names, feeds)]
 
-    return Runner(f"{NAME}/{meta.get('precision', 'fp32')}", inputs, outputs, fn, device, {"providers": sess.get_providers()})
+    return Runner(f"{NAME}/{meta.get('recipe', meta.get('precision', 'fp32'))}", inputs, outputs, fn, device, {"providers": sess.get_providers()})

@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import Subject, check_device, first_line, flatten_outputs, require_module
+from kiln.backends.common import Skip, Subject, check_device, first_line, flatten_outputs, recipe_of, require_module
+from kiln.backends.eager import module_runner
 from kiln.errors import KilnError
 from kiln.runner import Runner
 from kiln.signature import FlatModel, example_inputs
 from kiln.source import load_torchscript
 from kiln.spec import TensorSpec
+from kiln.transforms import apply
 
 NAME = "torchscript"
 FILE = "model.ts.pt"
@@ -21,12 +23,17 @@ FILE = "model.ts.pt"
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
     module = require_module(subject, NAME)
-    meta: dict[str, Any] = {"file": FILE}
+    recipe = recipe_of(options)
+    if recipe.has("cudagraphs") or recipe.precision.startswith("int8"):
+        raise Skip(f"kiln does not build TorchScript variants with {recipe.tag}")
+    meta: dict[str, Any] = {"file": FILE, "recipe": recipe.tag}
     if isinstance(module, torch.jit.ScriptModule):
+        if recipe.tag != "fp32":
+            raise Skip("a TorchScript source is exported as it is (fp32)")
         scripted: torch.jit.ScriptModule = module
         meta["method"] = "source"
     else:
-        scripted, method, notes = _trace_or_script(module, subject)
+        scripted, method, notes = _trace_or_script(apply(module, recipe, subject.notes), subject)
         meta["method"] = method
         subject.notes.extend(notes)
     try:
@@ -104,9 +111,10 @@ def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], output
     check_device(device)
     module = load_torchscript(directory / meta["file"], map_location=device)
 
-    def fn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # no_grad, not inference_mode: a TorchScript module warmed in grad mode breaks under inference_mode.
-        with torch.no_grad():
-            return flatten_outputs(module(*(x.to(device, non_blocking=True) for x in xs)))
+    def call(*xs: torch.Tensor) -> list[torch.Tensor]:
+        return flatten_outputs(module(*xs))
 
-    return Runner(f"{NAME}/fp32", inputs, outputs, fn, device, {"method": meta.get("method")})
+    # no_grad, not inference_mode: a TorchScript module warmed in grad mode breaks under inference_mode.
+    runner = module_runner(call, f"{NAME}/{meta.get('recipe', 'fp32')}", inputs, outputs, device, grad=torch.no_grad)
+    runner.info["method"] = meta.get("method")
+    return runner

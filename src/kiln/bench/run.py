@@ -144,7 +144,7 @@ def report_data(r: BenchReport) -> dict[str, Any]:
 
 
 def rows(r: BenchReport) -> list[tuple[str, list[str]]]:
-    """The terminal table, one column per variant: latency, throughput, memory, accuracy delta."""
+    """The terminal table's columns, one cell per variant: latency, throughput, memory, accuracy delta."""
     out: list[tuple[str, list[str]]] = []
     vs = r.variants
 

@@ -1,1 +1,134 @@
-"""Model-to-model passes applied around export (quantization here; more passes join as they land)."""
+"""Model-to-model passes applied before export, and the Recipe that names them in a variant.
+
+A variant is `backend/recipe`, e.g. `aoti/int8-static`, `eager/fp16+channels_last+cudagraphs`,
+`onnxruntime/fp32+prune30`. The recipe's precision is one of PRECISIONS; its passes run in order:
+
+- `bnfold`          BatchNorm folded into the Conv/Linear before it (exact up to rounding)
+- `prune<P>`        magnitude pruning: the P% smallest weights of every Conv/Linear set to zero
+- `chprune<P>`      structured pruning: P% of the channels between two Conv/Linear layers removed
+- `channels_last`   NHWC memory format for 4-D inputs and weights
+- `cudagraphs`      CUDA graphs per batch bucket (runtime option, CUDA only)
+- `max-autotune`    torch.compile mode max-autotune (runtime option, compile backend)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from kiln.errors import KilnError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+RUNTIME_PASSES = ("cudagraphs", "max-autotune")
+_PASS = re.compile(r"^(bnfold|channels_last|cudagraphs|max-autotune|(ch)?prune([1-9][0-9]?))$")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    precision: str = "fp32"
+    passes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise KilnError(f"unknown precision {self.precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+        bad = [p for p in self.passes if not _PASS.match(p)]
+        if bad:
+            raise KilnError(f"unknown transform {bad[0]!r}", hint="see `kiln build --help` for the passes")
+
+    @property
+    def tag(self) -> str:
+        return "+".join((self.precision, *self.passes))
+
+    @classmethod
+    def parse(cls, tag: str) -> Recipe:
+        precision, *passes = tag.split("+")
+        return cls(precision, tuple(passes))
+
+    def has(self, name: str) -> bool:
+        return name in self.passes
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return FLOAT_DTYPES.get(self.precision)
+
+    def prune(self) -> tuple[str, float] | None:
+        for p in self.passes:
+            m = _PASS.match(p)
+            if m and m.group(3):
+                return ("structured" if m.group(2) else "magnitude", int(m.group(3)) / 100)
+        return None
+
+
+class Adapted(nn.Module):
+    """Runs `inner` in another dtype and/or memory format behind the original signature: float inputs are cast
+    in, float outputs cast back to float32, so every variant keeps the fp32 TensorSpecs of the model."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def forward(self, *args: Any) -> Any:
+        xs = []
+        for x in args:
+            if self.dtype is not None and x.is_floating_point():
+                x = x.to(self.dtype)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xs.append(x)
+        out = self.inner(*xs)
+        return tree_map(lambda o: o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o, out)
+
+
+def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> nn.Module:
+    """The eager module for `recipe` (a copy; the original is untouched). int8-static is not here: it needs
+    calibration and an export (see kiln.transforms.torch_int8.static)."""
+    out = copy.deepcopy(module).eval()
+    if recipe.has("bnfold"):
+        from kiln.transforms.bnfold import fold_batchnorm
+
+        folded = fold_batchnorm(out)
+        if notes is not None:
+            notes.append(f"bnfold: folded {folded} BatchNorm layer(s)")
+    prune = recipe.prune()
+    if prune is not None:
+        from kiln.transforms import prune as pruning
+
+        report = pruning.magnitude(out, prune[1]) if prune[0] == "magnitude" else pruning.structured(out, prune[1])
+        if notes is not None:
+            notes.append(report)
+    if recipe.precision == "int8-dynamic":
+        from kiln.transforms.torch_int8 import dynamic
+
+        dynamic(out)
+    elif recipe.precision == "int8-static":
+        raise KilnError("int8-static on the torch side needs calibration and export", hint="use the aoti backend")
+    channels_last = recipe.has("channels_last")
+    if recipe.dtype is not None:
+        out = out.to(recipe.dtype)
+    if channels_last:
+        out = out.to(memory_format=torch.channels_last)
+    if recipe.dtype is not None or channels_last:
+        out = Adapted(out, recipe.dtype, channels_last)
+    return out
+
+
+def layer_kinds(module: nn.Module) -> dict[str, int]:
+    """How many of each layer kind the model has: which passes are worth trying."""
+    counts = {"batchnorm": 0, "conv": 0, "linear": 0}
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            counts["batchnorm"] += 1
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            counts["conv"] += 1
+        elif isinstance(m, nn.Linear):
+            counts["linear"] += 1
+    return counts

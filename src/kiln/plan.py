@@ -1,0 +1,148 @@
+"""Which variants the build search tries: backend x recipe, bounded by --precision, --prune and --variants,
+shaped by the model (BatchNorm to fold, convolutions for channels_last, Linear layers for int8) and the device.
+
+On a CPU, fp16/bf16 variants are tried only where an eager run measures faster than fp32 (many CPUs
+emulate them); on a GPU they are always tried. The search measures; it never assumes low precision wins.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.transforms import Recipe, apply, layer_kinds
+
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8", "auto")
+PRUNE_BACKENDS = ("eager", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str
+    recipe: Recipe
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}/{self.recipe.tag}"
+
+
+def plan(backends: Sequence[str], *, precision: str = "auto", device: str = "cpu", module: nn.Module | None = None,
+         prune: float | None = None, low_precision: Sequence[str] = ("fp16", "bf16"),
+         patterns: Sequence[str] | None = None, transformable: bool = True) -> list[Variant]:
+    """Every variant to try, in table order. `low_precision` lists the float precisions worth trying here.
+    Sources that are not Python code (TorchScript, .pt2, ONNX) are exported as they are: fp32, plus ONNX int8."""
+    if precision not in PRECISION_CHOICES:
+        raise KilnError(f"unknown --precision {precision!r}", hint=f"use one of {', '.join(PRECISION_CHOICES)}")
+    if prune is not None and not 0 < prune < 1:
+        raise KilnError(f"--prune {prune} is not a fraction", hint="give the share of weights to remove, e.g. --prune 0.3")
+    cuda = device.startswith("cuda")
+    transformable = transformable and module is not None
+    kinds = layer_kinds(module) if transformable else {"batchnorm": 0, "conv": 0, "linear": 0}  # type: ignore[arg-type]
+    fold = ("bnfold",) if kinds["batchnorm"] else ()
+    cl = ("channels_last",) if kinds["conv"] else ()
+    halves = [p for p in ("fp16", "bf16") if (p in low_precision or precision == p) and transformable]
+    linear = kinds["linear"] > 0
+    out: list[Variant] = []
+
+    def add(backend: str, prec: str, *passes: str) -> None:
+        out.append(Variant(backend, Recipe(prec, tuple(passes))))
+
+    for b in backends:
+        if b == "eager":
+            add(b, "fp32")  # the untouched reference, always first
+            if fold:
+                add(b, "fp32", *fold)
+            if cl and not cuda:
+                add(b, "fp32", *fold, *cl)
+            for h in halves:
+                add(b, h, *fold, *cl)
+            if cuda and halves:
+                add(b, halves[0], *fold, *cl, "cudagraphs")
+            if linear:
+                add(b, "int8-dynamic", *fold)
+        elif b == "torchscript":
+            add(b, "fp32")
+        elif b == "aoti":
+            add(b, "fp32", *fold)
+            for h in halves:
+                add(b, h, *fold, *cl)
+            if not cuda and transformable:
+                add(b, "int8-static")
+        elif b == "onnxruntime":
+            add(b, "fp32")
+            add(b, "int8-dynamic")
+            add(b, "int8-static")
+        elif b == "compile":
+            add(b, "fp32", *fold)
+            for h in halves:
+                add(b, h, *fold, *cl)
+                if cuda:
+                    add(b, h, *fold, *cl, "cudagraphs")
+            if cuda and halves:
+                add(b, halves[0], *fold, *cl, "max-autotune", "cudagraphs")
+            if linear:
+                add(b, "int8-dynamic", *fold)
+        elif b == "tensorrt":
+            add(b, "fp32")
+            if cuda:  # on a CPU machine one row says why TensorRT is not here
+                for h in halves:
+                    add(b, h)
+                add(b, "int8-static")
+        if prune is not None and b in PRUNE_BACKENDS and transformable:
+            pct = round(prune * 100)
+            base = fold if b == "eager" else ()
+            add(b, "fp32", *base, f"prune{pct}")
+            add(b, "fp32", *base, f"chprune{pct}")
+    out = [v for v in out if _wanted(v.recipe.precision, precision)]
+    if patterns:
+        out = [v for v in out if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
+    if not out:
+        raise KilnError(f"no variant of {', '.join(backends)} matches --precision {precision}"
+                        + (f" and --variants {','.join(patterns)}" if patterns else ""),
+                        hint="int8 variants come from onnxruntime, aoti (static) and eager/compile (torchao, Linear layers); "
+                             "fp16/bf16 from the torch backends; use --precision auto to try everything")
+    return out
+
+
+def _wanted(prec: str, precision: str) -> bool:
+    return precision == "auto" or prec == precision or prec.split("-")[0] == precision
+
+
+def probe_low_precision(module: nn.Module, examples: list[torch.Tensor], *, budget_s: float = 1.0) -> dict[str, str]:
+    """For a CPU build: time the eager model in fp32, fp16 and bf16 on the same inputs. Returns, per half precision
+    that is not faster, why its variants are left out (empty when both are worth trying)."""
+    timings: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    for prec in ("fp32", "fp16", "bf16"):
+        try:
+            m = apply(module, Recipe(prec))
+            timings[prec] = _median_s(m, examples, budget_s / 3)
+        except Exception as e:  # an op without a half kernel on this CPU
+            reasons[prec] = f"{prec} eager does not run on this CPU ({type(e).__name__})"
+    base = timings.get("fp32")
+    for prec in ("fp16", "bf16"):
+        if prec in reasons or base is None:
+            continue
+        if timings[prec] >= 0.9 * base:
+            reasons[prec] = (f"{prec} eager measured {timings[prec] * 1e3:.3g} ms vs fp32 {base * 1e3:.3g} ms on this CPU: "
+                             f"not faster, so its variants are not built (--precision {prec} builds them anyway)")
+    return {p: r for p, r in reasons.items() if p != "fp32"}
+
+
+def _median_s(m: nn.Module, xs: list[torch.Tensor], budget_s: float) -> float:
+    samples: list[float] = []
+    with torch.inference_mode():
+        m(*xs)
+        start = time.perf_counter()
+        while len(samples) < 3 or (time.perf_counter() - start < budget_s and len(samples) < 50):
+            t0 = time.perf_counter()
+            m(*xs)
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)

@@ -1,0 +1,76 @@
+"""The CUDA paths on a real GPU: bucketed CUDA graphs, pinned side-stream copies, half precision, TensorRT.
+Skipped, with the reason, on a machine without one (the CPU-side checks live in test_build and test_plan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+import zoo
+from support import ZOO
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def test_graph_buckets_pad_slice_and_match_eager() -> None:
+    from kiln.backends import cuda
+
+    model = zoo.seeded(zoo.MLP).cuda()
+
+    def call(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [model(xs[0])]
+
+    graphs = cuda.GraphBuckets(call, "cuda", [1, 4, 16])
+    for n in (1, 3, 4, 11, 16, 40):
+        x = torch.randn(n, 16, device="cuda")
+        got = graphs([x])[0]
+        with torch.inference_mode():
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+        assert got.shape[0] == n
+    assert sorted(k[0] for k in graphs.graphs) == [1, 4, 16]  # 40 ran without a graph
+
+
+def test_runner_moves_host_inputs_and_returns_host_outputs() -> None:
+    from kiln.backends import cuda
+
+    model = zoo.seeded(zoo.MLP).cuda()
+    fn = cuda.wrap(lambda xs: [model(xs[0])], "cuda", graphs=None)
+    x = torch.randn(8, 16)
+    with torch.inference_mode():
+        out = fn([x])[0]
+        assert out.device.type == "cpu"
+        torch.testing.assert_close(out, model(x.cuda()).cpu())
+        assert fn([x.cuda()])[0].device.type == "cuda"  # device in, device out
+
+
+def test_cuda_build_finds_half_precision_and_graph_variants(weights_dir: Path, tmp_path: Path) -> None:
+    r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
+                   repo=tmp_path, device="cuda", batch_sizes=(1, 8),
+                   variants=["eager/fp32", "eager/fp16*", "eager/bf16*", "compile/fp16+bnfold+channels_last+cudagraphs"])
+    status = {c.variant: (c.status, c.reason) for c in r.candidates}
+    for v in ("eager/fp32", "eager/fp16+bnfold+channels_last", "eager/fp16+bnfold+channels_last+cudagraphs",
+              "eager/bf16+bnfold+channels_last", "compile/fp16+bnfold+channels_last+cudagraphs"):
+        assert status[v][0] == "accepted", (v, status[v])
+        assert r.candidate(v).peak_gpu_mb is not None
+    runner = kiln.load(r.path, device="cuda", variant="eager/fp16+bnfold+channels_last+cudagraphs")  # type: ignore[arg-type]
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    ref = kiln.load(r.path, variant="eager/fp32")(x)  # type: ignore[arg-type]
+    out = runner(x)
+    assert out.dtype == np.float32 and np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
+
+
+def test_tensorrt_engine_round_trip(weights_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed")
+    r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
+                   repo=tmp_path, device="cuda", batch_sizes=(1, 8), variants=["eager/fp32", "tensorrt/*"])
+    for c in r.candidates:
+        if c.backend == "tensorrt":
+            assert c.status == "accepted", (c.variant, c.reason)
+    again = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
+                       repo=tmp_path, device="cuda", batch_sizes=(1, 8), variants=["eager/fp32", "tensorrt/fp16"])
+    assert any("reused from the cache" in n for n in again.candidate("tensorrt/fp16").notes)

@@ -1,0 +1,161 @@
+"""Each transform on small models: structure (what really changed) and accuracy (what it costs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from kiln.backends.common import Skip
+from kiln.errors import KilnError
+from kiln.transforms import Adapted, Recipe, apply, layer_kinds
+from kiln.transforms.bnfold import fold_batchnorm
+from kiln.transforms.prune import magnitude, structured
+
+
+class ConvNet(nn.Module):
+    """Conv -> BN -> ReLU -> Conv -> BN -> ReLU -> pool -> Linear -> ReLU -> Linear: every pass has work here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.f1, self.f2 = nn.Linear(8, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.f2(torch.relu(self.f1(x.mean((2, 3)))))
+
+
+class Untraceable(nn.Module):
+    """An `if` on tensor values defeats FX tracing: folding falls back to nn.Sequential pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def _bn_count(m: nn.Module) -> int:
+    return sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+
+@pytest.mark.parametrize("cls", [ConvNet, Untraceable, zoo.ConvBN])
+def test_bn_folding_removes_every_batchnorm_and_keeps_outputs(cls: type[nn.Module]) -> None:
+    m = zoo.seeded(cls)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = m(x)
+        assert _bn_count(m) > 0
+        folded = apply(m, Recipe("fp32", ("bnfold",)))
+        assert _bn_count(folded) == 0 and _bn_count(m) > 0  # the original is untouched
+        torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bn_folding_leaves_a_shared_conv_alone() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv's output is used twice: folding BN into it would change `+ y`
+
+    m = zoo.seeded(Shared)
+    assert fold_batchnorm(m) == 0 and _bn_count(m) == 1
+
+
+def test_magnitude_pruning_zeroes_exactly_the_smallest_weights() -> None:
+    m = zoo.seeded(ConvNet)
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    report = magnitude(m, 0.3)
+    for name, w0 in before.items():
+        w = dict(m.named_parameters())[name]
+        zeros = int((w == 0).sum())
+        assert zeros == round(w.numel() * 0.3), name  # exactly 30% per layer
+        kept = w0.abs()[w != 0]
+        assert kept.min() >= w0.abs()[w == 0].max()  # and they were the smallest
+    assert "prune30" in report and "(30%)" in report
+
+
+def test_structured_pruning_shrinks_layers_and_keeps_the_signature() -> None:
+    m = zoo.seeded(ConvNet)
+    x = torch.randn(2, 3, 16, 16)
+    params = sum(p.numel() for p in m.parameters())
+    pruned = apply(m, Recipe("fp32", ("chprune50",)))
+    assert pruned.c1.out_channels == 8 and pruned.b1.num_features == 8 and pruned.c2.in_channels == 8
+    assert pruned.f1.out_features == 16 and pruned.f2.in_features == 16
+    assert pruned.c2.out_channels == 8  # feeds a mean and a Linear: no safe pair, so kept whole
+    assert sum(p.numel() for p in pruned.parameters()) < params
+    assert pruned(x).shape == m(x).shape
+
+
+def test_structured_pruning_says_when_the_model_does_not_allow_it() -> None:
+    with pytest.raises(Skip, match="no Conv->Conv or Linear->Linear pair"):
+        structured(zoo.seeded(zoo.ConvBN), 0.3)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_keeps_fp32_io_and_casts_inside(precision: str, dtype: torch.dtype) -> None:
+    m = zoo.seeded(ConvNet)
+    x = torch.randn(3, 3, 16, 16)
+    half = apply(m, Recipe(precision, ("channels_last",)))
+    assert isinstance(half, Adapted) and half.inner.c1.weight.dtype == dtype
+    assert half.inner.c1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, ref = half(x), m(x)
+    assert out.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def test_dynamic_int8_weights_are_really_int8() -> None:
+    m = zoo.seeded(zoo.MLP)
+    q = apply(m, Recipe("int8-dynamic"))
+    for layer in (q.net[0], q.net[2]):
+        assert layer.weight.qdata.dtype == torch.int8  # torchao's Int8Tensor: int8 data and a scale per channel
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(q(x).flatten(), m(x).flatten(), dim=0) > 0.99
+    with pytest.raises(Skip, match="Linear"):
+        apply(nn.Sequential(nn.Conv2d(3, 3, 1)), Recipe("int8-dynamic"))
+
+
+def test_static_int8_program_has_int8_weights_and_calibrated_scales() -> None:
+    from kiln.backends.common import torch_dynamic_shapes
+    from kiln.signature import FlatModel
+    from kiln.spec import TensorSpec
+    from kiln.transforms.torch_int8 import static
+
+    m = zoo.seeded(ConvNet)
+    spec = [TensorSpec.parse("image:float32[batch,3,16,16]")]
+    calib = [[torch.randn(8, 3, 16, 16)] for _ in range(4)]
+    if not torch.__version__.startswith("2.13"):  # seen with torch 2.11 + torchao 0.18: no Q/DQ inserted, said so
+        with pytest.raises(KilnError, match="inserted no quantize"):
+            static(FlatModel(m).eval(), (torch.randn(2, 3, 16, 16),), torch_dynamic_shapes(spec), calib)
+        return
+    ep = static(FlatModel(m).eval(), (torch.randn(2, 3, 16, 16),), torch_dynamic_shapes(spec), calib)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("dequantize" in t for t in targets) and any("quantize" in t.replace("dequantize", "") for t in targets), targets
+    consts = list(ep.state_dict.values()) + list(ep.constants.values())
+    assert any(isinstance(c, torch.Tensor) and c.dtype == torch.int8 for c in consts)
+    with pytest.raises(KilnError, match="calibration"):
+        static(FlatModel(m).eval(), (torch.randn(2, 3, 16, 16),), torch_dynamic_shapes(spec), None)
+
+
+def test_recipe_names_round_trip_and_bad_passes_are_refused() -> None:
+    r = Recipe.parse("fp16+bnfold+channels_last+cudagraphs")
+    assert r.precision == "fp16" and r.passes == ("bnfold", "channels_last", "cudagraphs") and r.dtype == torch.float16
+    assert r.tag == "fp16+bnfold+channels_last+cudagraphs"
+    assert Recipe.parse("fp32+chprune30").prune() == ("structured", 0.3)
+    assert Recipe.parse("fp32+prune5").prune() == ("magnitude", 0.05)
+    with pytest.raises(KilnError, match="unknown transform"):
+        Recipe.parse("fp32+sparkle")
+    with pytest.raises(KilnError, match="unknown precision"):
+        Recipe.parse("fp8")
+    assert layer_kinds(zoo.seeded(ConvNet)) == {"batchnorm": 2, "conv": 2, "linear": 2}
