@@ -132,7 +132,7 @@ def probe_low_precision(module: nn.Module, examples: list[torch.Tensor], *, budg
             continue
         if timings[prec] >= 0.9 * base:
             reasons[prec] = (f"{prec} eager measured {timings[prec] * 1e3:.3g} ms vs fp32 {base * 1e3:.3g} ms on this CPU: "
-                             f"not faster, so its variants are not built (--precision {prec} builds them anyway)")
+                             f"not faster (--precision {prec} forces it)")
     return {p: r for p, r in reasons.items() if p != "fp32"}
 
 

@@ -45,16 +45,16 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
         module = apply(module, recipe, subject.notes)  # a copy: the other backends still need the CPU module
         ep = export_program(FlatModel(module).eval(), subject)
     torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / FILE), inductor_configs=configs)
-    if subject.device != "cpu":
-        probe_load(directory / FILE, subject.device)
+    probe_load(directory / FILE, subject.device)
     return {"file": FILE, "device": subject.device.split(":")[0], "torch": torch.__version__.split("+")[0],
             "recipe": recipe.tag}
 
 
 def probe_load(path: Path, device: str) -> None:
-    """Load the package in a child process first: on some torch/driver combinations loading a CUDA
-    package segfaults (seen with torch 2.11+cu130 on an H200), which would take the build down with it."""
-    index = int(device.split(":")[1]) if ":" in device else 0
+    """Load the package in a child process first: on some torch/machine combinations loading a package segfaults
+    (seen with torch 2.11+cu130 on H200 hosts, for CUDA packages and for plain CPU ones, without kiln involved),
+    which would take the build down with it."""
+    index = (int(device.split(":")[1]) if ":" in device else 0) if device.startswith("cuda") else -1
     code = f"import torch; torch._inductor.aoti_load_package({str(path)!r}, device_index={index})"
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

@@ -47,8 +47,9 @@ class Transfer:
     def to_device(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if all(x.device == self.device for x in xs):
             return xs
+        # No wait on the compute stream first: the pinned staging buffers come from torch's caching host allocator
+        # and the device buffers are fresh allocations, so nothing the copy writes is still being read.
         compute = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(compute)  # buffers the copies reuse may still be read by earlier work
         with torch.cuda.stream(self.stream):
             out = [x if x.device == self.device else
                    (x.pin_memory() if x.device.type == "cpu" and not x.is_pinned() else x).to(self.device, non_blocking=True)
