@@ -68,7 +68,9 @@ def write_onnx(subject: Subject, directory: Path, recipe: Recipe) -> dict[str, A
         onnx.save(model, str(out), save_as_external_data=model.ByteSize() > _EXTERNAL_BYTES)
         return {"file": FILE, "exporter": "source"}
     module = require_module(subject, NAME)
-    if recipe.tag != "fp32" and not isinstance(module, torch.jit.ScriptModule):
+    if recipe.tag != "fp32":
+        if isinstance(module, torch.jit.ScriptModule):
+            raise Skip(f"a TorchScript source is exported as it is; {recipe.tag} needs the Python model")
         module = apply(module, recipe, subject.notes)
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_BYTES
     quiet = io.StringIO()
