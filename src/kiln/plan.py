@@ -40,8 +40,9 @@ def plan(backends: Sequence[str], *, precision: str = "auto", device: str = "cpu
     Sources that are not Python code (TorchScript, .pt2, ONNX) are exported as they are: fp32, plus ONNX int8."""
     if precision not in PRECISION_CHOICES:
         raise KilnError(f"unknown --precision {precision!r}", hint=f"use one of {', '.join(PRECISION_CHOICES)}")
-    if prune is not None and not 0 < prune < 1:
-        raise KilnError(f"--prune {prune} is not a fraction", hint="give the share of weights to remove, e.g. --prune 0.3")
+    if prune is not None and not 0.01 <= prune <= 0.99:
+        raise KilnError(f"--prune {prune} is not a fraction between 0.01 and 0.99",
+                        hint="give the share of weights to remove, e.g. --prune 0.3")
     cuda = device.startswith("cuda")
     transformable = transformable and module is not None
     kinds = layer_kinds(module) if transformable else {"batchnorm": 0, "conv": 0, "linear": 0}  # type: ignore[arg-type]
