@@ -7,7 +7,7 @@ REPO ?= models
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install clean browser
+.PHONY: demo test install clean browser lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ browser:
 		echo "installing Debian's chromium for the HTML report test"; \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: $(STAMP) browser
+# Lint and type gates first (seconds), then the suite.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/python -m mypy
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -118,7 +118,7 @@ def _row(label: str, fn: Any, small: list[torch.Tensor], large: list[torch.Tenso
 def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool = False) -> dict[str, Any]:
     spec = MODELS[name]
     variants = variants or spec["variants"] + ([spec["autotune"]] if autotune else [])
-    from gpu_models import BertEncoder, resnet50  # noqa: F401
+    from gpu_models import BertEncoder, resnet50
     from safetensors.torch import save_model
 
     torch.manual_seed(0)

@@ -23,10 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "examples" / "digits"))
+from model import DigitsNet  # noqa: E402
+
 import kiln  # noqa: E402
 from kiln.predict import predict  # noqa: E402
 from kiln.source import load_weights  # noqa: E402
-from model import DigitsNet  # noqa: E402
 
 DIGITS = ROOT / "examples" / "digits"
 

@@ -13,8 +13,9 @@ from safetensors.torch import save_model
 import kiln
 
 sys.path.insert(0, str(Path(__file__).parent))
-import zoo  # noqa: E402
-from support import ZOO  # noqa: E402
+import zoo
+from support import ZOO
+
 os.environ.setdefault("KILN_ORT_THREADS", "1")  # two cores, and pytest is not alone on them
 
 

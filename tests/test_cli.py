@@ -84,9 +84,55 @@ def test_cli_build_options(tmp_path: Path) -> None:
     assert "items/s @4" in p.stdout and "(throughput)" in p.stdout and "synthetic inputs" in p.stdout
     assert "no --weights given" in p.stdout
     assert p.stderr == ""  # --quiet
-    p = run(str(exe[0]) if len(exe) == 1 else sys.executable, *([] if len(exe) == 1 else ["-m", "kiln"]), "build",
-            "tests/zoo.py:MLP", "--input", "x:float32[batch,16]", "--batch", "0")
-    assert p.returncode == 2 and "bad batch sizes" in p.stderr
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["build", "tests/zoo.py:MLP", "--input", "x:float32[batch,16]", "--batch", "0"], "bad batch sizes"),
+    (["build", "tests/zoo.py:MLP", "--input", "x:float32[batch,16]", "--device", "gpu"], "unknown device 'gpu'"),
+    (["build", "tests/zoo.py:Nope", "--input", "x:float32[batch,16]"], "has no attribute 'Nope'"),
+    (["inspect", "no/such/model"], "no model at"),
+])
+def test_cli_errors_are_one_message_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "hint: " in err and "Traceback" not in err
+
+
+def test_build_in_a_real_terminal_prints_the_table_and_the_result(tmp_path: Path) -> None:
+    """Under a pty the progress bar draws, and the variants table, the selected line and the report path must still
+    reach the terminal afterwards (a bar that swapped sys.stdout for a proxy once swallowed them)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
+    kiln_exe = Path(sys.executable).with_name("kiln")
+    p = subprocess.Popen([str(kiln_exe), "build", "tests/zoo.py:MLP", "--input", "x:float32[batch,16]", "--repo",
+                          str(tmp_path), "--backends", "eager,onnxruntime", "--precision", "fp32"],
+                         cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert p.wait(timeout=300) == 0
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "eager/fp32" in out and "onnxruntime/fp32" in out and "p50 ms @1" in out, out[-3000:]
+    assert re.search(r"selected\s+\S+/fp32 \(latency\) -> ", out), out[-3000:]
+    assert "report: " in out and "report.html" in out
 
 
 def test_bench_cli(demo: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file, save_model
 
 import zoo
-from support import ZOO
 from kiln.errors import KilnError
 from kiln.source import ModelSource, load_module
+from support import ZOO
 
 
 def _load(text: str, weights: Path | str | None = None) -> torch.nn.Module:

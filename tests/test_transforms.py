@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import zoo
-from kiln.backends.common import Skip
-from kiln.errors import KilnError
+from kiln.errors import KilnError, Skip
 from kiln.transforms import Adapted, Recipe, apply, layer_kinds
 from kiln.transforms.bnfold import fold_batchnorm
 from kiln.transforms.prune import magnitude, structured

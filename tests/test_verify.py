@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from kiln.spec import TensorSpec
-from kiln.verify import Budget, compare, judge
+from kiln.verify import Budget, compare, judge, to_dict
 
 LOGITS = TensorSpec("logits", "float32", ("batch", 3))
 HIDDEN = TensorSpec("hidden", "float32", ("batch", "seq"))
@@ -32,7 +32,9 @@ def test_batches_with_different_sequence_lengths() -> None:
     assert judge([c], Budget(tolerance=0.02)) == [] and judge([c], Budget(tolerance=0.001))
 
 
-def test_shape_mismatch_is_rejected() -> None:
+def test_shape_mismatch_reads_as_a_shape_error_not_numbers() -> None:
     ref = [[np.ones((2, 5), np.float32)]]
     got = [[np.ones((2, 4), np.float32)]]
-    assert judge(compare([HIDDEN], ref, got), Budget())
+    checks = compare([HIDDEN], ref, got)
+    assert judge(checks, Budget()) == ["hidden: shape [2, 4] where the reference has [2, 5]"]
+    assert to_dict(checks) == [{"name": "hidden", "shape_mismatch": "shape [2, 4] where the reference has [2, 5]"}]

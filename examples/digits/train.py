@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from model import DigitsNet
 from safetensors.torch import save_model
 from sklearn.datasets import load_digits
 from torch import nn
-
-from model import DigitsNet
 
 HERE = Path(__file__).parent
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -229,11 +230,10 @@ def _dim_sizes(items: list[str]) -> dict[str, int]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from kiln.build import build
+    from kiln.builder import build
+    from kiln.progress import reporter
     from kiln.table import variants_table
     from kiln.verify import Budget
-
-    from kiln.progress import reporter
 
     console = _console()
     result = build(
@@ -320,7 +320,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise KilnError("--serving needs a latency target", hint="add --p99-ms, e.g. --p99-ms 20")
     path = args.path
     if not Path(path).exists() or Path(path).suffix in (".pt", ".pt2", ".onnx", ".pth"):
-        from kiln.build import build
+        from kiln.builder import build
 
         tmp = tempfile.mkdtemp(prefix="kiln-bench-")
         result = build(path, weights=args.weights, inputs=args.inputs, repo=tmp, data=args.data, device=args.device,
@@ -433,7 +433,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec(d: dict) -> str:  # type: ignore[type-arg]
+def _spec(d: dict[str, Any]) -> str:
     return f"{d['name']}:{d['dtype']}[{','.join(map(str, d['shape']))}]"
 
 

@@ -13,3 +13,11 @@ class KilnError(Exception):
         self.message = message
         self.hint = hint
         super().__init__(f"{message}\n  hint: {hint}" if hint else message)
+
+
+class Skip(Exception):
+    """A variant that cannot run here (missing package, no GPU, unsupported source): listed with this reason,
+    never faked.
+
+    >>> raise Skip("onnxruntime is not installed (pip install onnxruntime)")
+    """

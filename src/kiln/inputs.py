@@ -43,8 +43,8 @@ class Preprocess:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as im:
-                im = im.convert(self.mode)
+            with Image.open(path) as opened:
+                im = opened.convert(self.mode)
                 if self.resize:
                     im = im.resize((self.resize[1], self.resize[0]), Image.Resampling.BILINEAR)
                 if self.crop:
@@ -54,13 +54,13 @@ class Preprocess:
                 a = np.asarray(im, dtype=np.float32)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ValueError(f"unreadable image: {e}") from None
-        a = a * self.scale
+        a = a * np.float32(self.scale)
         if a.ndim == 2:
             a = a[:, :, None]
         if self.mean is not None:
-            a = a - np.asarray(self.mean, np.float32)
+            a = np.subtract(a, np.asarray(self.mean, np.float32), dtype=np.float32)
         if self.std is not None:
-            a = a / np.asarray(self.std, np.float32)
+            a = np.divide(a, np.asarray(self.std, np.float32), dtype=np.float32)
         return np.ascontiguousarray(a.transpose(2, 0, 1) if self.layout == "CHW" else a)
 
 
@@ -82,7 +82,9 @@ class Inputs:
     def fetch(self, indices: list[int]) -> tuple[list[int], list[np.ndarray], list[tuple[int, str]]]:
         """-> (indices that loaded, one array per input for them, [(index, error)] for the rest)."""
         if self.kind == "images":
-            ok, rows, bad = [], [], []
+            ok: list[int] = []
+            images: list[np.ndarray] = []
+            bad: list[tuple[int, str]] = []
             for i in indices:
                 try:
                     a = self.preprocess.apply(self.paths[i])
@@ -91,10 +93,10 @@ class Inputs:
                         raise ValueError(f"preprocessed to shape {list(a.shape)}, the model wants {list(spec.shape[1:])}; "
                                          "fix [preprocess] resize/crop/mode/layout in kiln.toml")
                     ok.append(i)
-                    rows.append(a)
+                    images.append(a)
                 except ValueError as e:
                     bad.append((i, str(e)))
-            arrays = [np.stack(rows).astype(self.specs[0].dtype, copy=False)] if rows else []
+            arrays = [np.stack(images).astype(self.specs[0].dtype, copy=False)] if images else []
             return ok, arrays, bad
         by_file: dict[int, list[tuple[int, int]]] = {}
         for i in indices:
@@ -189,7 +191,9 @@ def collect(paths: list[str | Path], specs: list[TensorSpec], preprocess: Prepro
         return Inputs(specs, [str(f) for f in images], "images", images, [], preprocess), bad
     kind = kinds[0] if kinds else "arrays"
     chosen = tables if kind == "table" else arrays
-    ids, where, keep = [], [], []
+    ids: list[str] = []
+    where: list[Any] = []
+    keep: list[Path] = []
     for f in chosen:
         try:
             n = len(read_arrays(f, specs, kind)[0])

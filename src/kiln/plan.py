@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kiln import backends
+from kiln.backends.common import Target
 from kiln.errors import KilnError
-from kiln.transforms import Recipe, apply, layer_kinds
+from kiln.recipe import Recipe
+from kiln.transforms import apply, layer_kinds
 
 PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8", "auto")
-PRUNE_BACKENDS = ("eager", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -33,93 +35,56 @@ class Variant:
         return f"{self.backend}/{self.recipe.tag}"
 
 
-def plan(backends: Sequence[str], *, precision: str = "auto", device: str = "cpu", module: nn.Module | None = None,
+def plan(backend_names: Sequence[str], *, precision: str = "auto", device: str = "cpu", module: nn.Module | None = None,
          prune: float | None = None, low_precision: Sequence[str] = ("fp16", "bf16"),
-         patterns: Sequence[str] | None = None, transformable: bool = True) -> list[Variant]:
-    """Every variant to try, in table order. `low_precision` lists the float precisions worth trying here.
-    Sources that are not Python code (TorchScript, .pt2, ONNX) are exported as they are: fp32, plus ONNX int8."""
+         patterns: Sequence[str] | None = None, transformable: bool = True, source_kind: str = "python") -> list[Variant]:
+    """Every variant to try, in table order: each backend declares what it can build for this target
+    (`variants(target)`), then --precision and --variants narrow the list. `low_precision` lists the float
+    precisions worth trying here. Sources that are not Python code are exported as they are.
+
+    >>> [v.name for v in plan(["eager", "onnxruntime"], module=DigitsNet())][:2]
+    ['eager/fp32', 'eager/fp32+bnfold']
+    """
     if precision not in PRECISION_CHOICES:
         raise KilnError(f"unknown --precision {precision!r}", hint=f"use one of {', '.join(PRECISION_CHOICES)}")
     if prune is not None and not 0.01 <= prune <= 0.99:
         raise KilnError(f"--prune {prune} is not a fraction between 0.01 and 0.99",
                         hint="give the share of weights to remove, e.g. --prune 0.3")
-    cuda = device.startswith("cuda")
-    transformable = transformable and module is not None
-    kinds = layer_kinds(module) if transformable else {"batchnorm": 0, "conv": 0, "linear": 0}  # type: ignore[arg-type]
-    fold = ("bnfold",) if kinds["batchnorm"] else ()
-    cl = ("channels_last",) if kinds["conv"] else ()
-    halves = [p for p in ("fp16", "bf16") if (p in low_precision or precision == p) and transformable]
-    linear = kinds["linear"] > 0
-    out: list[Variant] = []
-
-    def add(backend: str, prec: str, *passes: str) -> None:
-        out.append(Variant(backend, Recipe(prec, tuple(passes))))
-
-    for b in backends:
-        if b == "eager":
-            add(b, "fp32")  # the untouched reference, always first
-            if fold:
-                add(b, "fp32", *fold)
-            if cl and not cuda:
-                add(b, "fp32", *fold, *cl)
-            for h in halves:
-                add(b, h, *fold, *cl)
-            if cuda and halves:
-                add(b, halves[0], *fold, *cl, "cudagraphs")
-            if linear:
-                add(b, "int8-dynamic", *fold)
-        elif b == "torchscript":
-            add(b, "fp32")
-        elif b == "aoti":
-            add(b, "fp32", *fold)
-            for h in halves:
-                add(b, h, *fold, *cl)
-            if not cuda and transformable:
-                add(b, "int8-static")
-        elif b == "onnxruntime":
-            add(b, "fp32")
-            add(b, "int8-dynamic")
-            add(b, "int8-static")
-        elif b == "compile":
-            add(b, "fp32", *fold)
-            for h in halves:
-                add(b, h, *fold, *cl)
-                if cuda:
-                    add(b, h, *fold, *cl, "cudagraphs")
-            if cuda and halves:
-                add(b, halves[0], *fold, *cl, "max-autotune", "cudagraphs")
-            if linear:
-                add(b, "int8-dynamic", *fold)
-        elif b == "tensorrt":
-            add(b, "fp32")
-            if cuda:  # on a CPU machine one row says why TensorRT is not here
-                for h in halves:
-                    add(b, h)
-                add(b, "int8-static")
-        if prune is not None and b in PRUNE_BACKENDS and transformable:
-            pct = round(prune * 100)
-            base = fold if b == "eager" else ()
-            add(b, "fp32", *base, f"prune{pct}")
-            add(b, "fp32", *base, f"chprune{pct}")
+    target = make_target(module, device=device, precision=precision, prune=prune, low_precision=low_precision,
+                         transformable=transformable, source_kind=source_kind)
+    out = [Variant(b, r) for b in backend_names for r in backends.get(b).variants(target)]
     out = [v for v in out if _wanted(v.recipe.precision, precision)]
     if patterns:
         out = [v for v in out if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
     if not out:
-        raise KilnError(f"no variant of {', '.join(backends)} matches --precision {precision}"
+        raise KilnError(f"no variant of {', '.join(backend_names)} matches --precision {precision}"
                         + (f" and --variants {','.join(patterns)}" if patterns else ""),
                         hint="int8 variants come from onnxruntime, aoti (static) and eager/compile (torchao, Linear layers); "
                              "fp16/bf16 from the torch backends; use --precision auto to try everything")
     return out
 
 
+def make_target(module: nn.Module | None, *, device: str = "cpu", precision: str = "auto", prune: float | None = None,
+                low_precision: Sequence[str] = ("fp16", "bf16"), transformable: bool = True,
+                source_kind: str = "python") -> Target:
+    """What the backends are told about the model and the machine."""
+    transformable = transformable and module is not None
+    kinds = layer_kinds(module) if transformable and module is not None else {"batchnorm": 0, "conv": 0, "linear": 0}
+    halves = tuple(p for p in ("fp16", "bf16") if (p in low_precision or precision == p) and transformable)
+    return Target(device=device, source_kind=source_kind, halves=halves, prune=prune, transformable=transformable,
+                  **kinds)
+
+
 def _wanted(prec: str, precision: str) -> bool:
     return precision == "auto" or prec == precision or prec.split("-")[0] == precision
 
 
-def probe_low_precision(module: nn.Module, examples: list[torch.Tensor], *, budget_s: float = 1.0) -> dict[str, str]:
+def probe_low_precision(module: nn.Module, examples: list[torch.Tensor], *, budget_s: float = 1.0,
+                        timings: dict[str, float] | None = None) -> dict[str, str]:
     """For a CPU build: time the eager model in fp32, fp16 and bf16 on the same inputs. Returns, per half precision
-    that is not faster, why its variants are left out (empty when both are worth trying)."""
-    timings: dict[str, float] = {}
+    that is not faster, why its variants are left out (empty when both are worth trying). `timings`, when given,
+    receives the median seconds measured per precision."""
+    timings = {} if timings is None else timings
     reasons: dict[str, str] = {}
     for prec in ("fp32", "fp16", "bf16"):
         try:

@@ -7,9 +7,6 @@ every item exactly once, in input order.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +20,7 @@ import torch
 from kiln import repository
 from kiln.errors import KilnError
 from kiln.inputs import Inputs, Preprocess, collect
+from kiln.shards import ShardCollector, ShardPlan, finish, plan_shards
 from kiln.spec import TensorSpec
 
 OnError = Literal["skip", "stop"]
@@ -38,22 +36,6 @@ class Summary:
     elapsed_s: float
     items_per_s: float
     engine: str = "local"
-
-
-@dataclass
-class _Plan:
-    inputs: Inputs
-    outputs: list[TensorSpec]
-    shard_size: int
-    parts: Path
-    manifest: dict[str, Any]
-
-    def shard_range(self, s: int) -> range:
-        return range(s * self.shard_size, min(len(self.inputs.ids), (s + 1) * self.shard_size))
-
-    @property
-    def shards(self) -> int:
-        return max(1, -(-len(self.inputs.ids) // self.shard_size))
 
 
 def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, batch: int = 64, workers: int = 0,
@@ -83,7 +65,7 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
     if not items.ids:
         listed = "; ".join(f"{p}: {e}" for p, e in bad_files[:5])
         raise KilnError(f"no readable input items ({listed})", hint="give .npy/.npz/.parquet/.csv files or folders of images")
-    plan = _plan(items, outputs, out, m, version_dir, variant, shard_size, resume)
+    plan = plan_shards(items, outputs, out, m, version_dir, variant, shard_size, resume)
     done_items = sum(len(plan.shard_range(int(s))) for s in plan.manifest["done"])
     todo = [s for s in range(plan.shards) if str(s) not in plan.manifest["done"]]
     bar = _Progress(len(items.ids), done_items, enabled=progress)
@@ -100,58 +82,15 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
             engine = "local"
     finally:
         bar.close()
-    skipped = [tuple(x) for s in sorted(plan.manifest["done"], key=int) for x in plan.manifest["done"][s]["skipped"]]
-    written = _finish(plan, out)
+    skipped: list[tuple[str, str]] = [(str(x[0]), str(x[1])) for s in sorted(plan.manifest["done"], key=int)
+                                      for x in plan.manifest["done"][s]["skipped"]]
+    written = finish(plan, out)
     elapsed = time.perf_counter() - t0
     return Summary(out, len(items.ids), written, [*bad_files, *skipped], done_items, elapsed,
-                   (len(items.ids) - done_items) / elapsed if elapsed > 0 else 0.0, engine)  # type: ignore[arg-type]
+                   (len(items.ids) - done_items) / elapsed if elapsed > 0 else 0.0, engine)
 
 
-def _plan(items: Inputs, outputs: list[TensorSpec], out: Path, m: dict[str, Any], version_dir: Path,
-          variant: str | None, shard_size: int, resume: bool) -> _Plan:
-    parts = out.with_name(out.name + ".parts")
-    identity = {"model": str(version_dir.resolve()), "version": m["version"], "variant": variant or m["selected"],
-                "items": len(items.ids), "ids_sha256": items.digest(), "shard_size": shard_size}
-    if parts.exists():
-        if not resume:
-            raise KilnError(f"{parts} holds an unfinished run", hint="pass --resume to continue it, or delete the folder to start over")
-        try:
-            manifest = json.loads((parts / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise KilnError(f"cannot read {parts / 'manifest.json'}: {e}", hint="delete the folder and start over") from None
-        changed = [k for k, v in identity.items() if manifest.get(k) != v]
-        if changed:
-            raise KilnError(f"--resume: the unfinished run in {parts} differs in {', '.join(changed)}",
-                            hint="resume with the same model, inputs and --shard-size, or delete the folder")
-        for s, entry in manifest["done"].items():  # a shard listed but missing on disk is redone
-            if not (parts / entry["file"]).is_file():
-                del manifest["done"][s]
-    else:
-        if out.exists() and not resume:
-            raise KilnError(f"{out} exists", hint="choose another --out or delete it")
-        parts.mkdir(parents=True)
-        manifest = {**identity, "done": {}}
-        _save_manifest(parts, manifest)
-    return _Plan(items, outputs, shard_size, parts, manifest)
-
-
-def _save_manifest(parts: Path, manifest: dict[str, Any]) -> None:
-    tmp = parts / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, parts / "manifest.json")
-
-
-def _write_shard(plan: _Plan, s: int, ids: list[int], outs: list[np.ndarray], skipped: list[tuple[int, str]]) -> None:
-    """Write one completed shard atomically, then record it in the manifest."""
-    name = f"shard-{s:05d}.npz"
-    tmp = plan.parts / (name + ".tmp.npz")
-    np.savez(tmp, index=np.asarray(ids, np.int64), **{f"out_{k}": o for k, o in enumerate(outs)})
-    os.replace(tmp, plan.parts / name)
-    plan.manifest["done"][str(s)] = {"file": name, "skipped": [(plan.inputs.ids[i], e) for i, e in skipped]}
-    _save_manifest(plan.parts, plan.manifest)
-
-
-class _BatchDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class _BatchDataset(torch.utils.data.Dataset):
     """Index lists in, (indices, arrays, errors) out: workers read whole batches."""
 
     def __init__(self, inputs: Inputs) -> None:
@@ -164,20 +103,20 @@ class _BatchDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return len(self.inputs.ids)
 
 
-def _batches(plan: _Plan, todo: list[int], batch: int) -> Iterator[list[int]]:
+def _batches(plan: ShardPlan, todo: list[int], batch: int) -> Iterator[list[int]]:
     for s in todo:
         r = plan.shard_range(s)
         for lo in range(r.start, r.stop, batch):
             yield list(range(lo, min(r.stop, lo + batch)))
 
 
-def _run_local(version_dir: Path, plan: _Plan, todo: list[int], variant: str | None, device: str, batch: int,
+def _run_local(version_dir: Path, plan: ShardPlan, todo: list[int], variant: str | None, device: str, batch: int,
                workers: int, on_error: OnError, bar: _Progress) -> None:
     runner = repository.load(version_dir, device=device, variant=variant)
     bar.restart()
     cuda = device.startswith("cuda")
     loader = torch.utils.data.DataLoader(_BatchDataset(plan.inputs), batch_size=None, sampler=list(_batches(plan, todo, batch)),
-                                         num_workers=workers, pin_memory=cuda, collate_fn=_collate)
+                                         num_workers=workers, pin_memory=cuda, collate_fn=_collate)  # type: ignore[arg-type]
     collector = ShardCollector(plan, todo)
     for idx, arrays, errors in loader:
         if errors and on_error == "stop":
@@ -195,74 +134,6 @@ def _run_local(version_dir: Path, plan: _Plan, todo: list[int], variant: str | N
 def _collate(batch: tuple[list[int], list[np.ndarray], list[tuple[int, str]]]) -> tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]:
     idx, arrays, errors = batch
     return idx, [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], errors
-
-
-class ShardCollector:
-    """Gathers results per shard and writes a shard as soon as every one of its items is accounted for."""
-
-    def __init__(self, plan: _Plan, todo: list[int]) -> None:
-        self.plan = plan
-        self.pending = {s: {"need": len(plan.shard_range(s)), "idx": [], "outs": [], "bad": []} for s in todo}
-
-    def add(self, idx: list[int], outs: list[np.ndarray], errors: list[tuple[int, str]]) -> None:
-        size = self.plan.shard_size
-        shards = {i // size for i in idx} | {i // size for i, _ in errors}
-        for s in shards:
-            p = self.pending[s]
-            sel = [k for k, i in enumerate(idx) if i // size == s]
-            p["idx"] += [idx[k] for k in sel]
-            if sel:
-                p["outs"].append([o[sel] for o in outs])
-            p["bad"] += [(i, e) for i, e in errors if i // size == s]
-            if len(p["idx"]) + len(p["bad"]) == p["need"]:
-                order = np.argsort(p["idx"], kind="stable")
-                merged = [np.concatenate([b[k] for b in p["outs"]])[order] for k in range(len(self.plan.outputs))] if p["outs"] \
-                    else [np.zeros((0, *[d if isinstance(d, int) else 0 for d in o.shape[1:]]), o.dtype) for o in self.plan.outputs]
-                _write_shard(self.plan, s, sorted(p["idx"]), merged, sorted(p["bad"]))
-                del self.pending[s]
-
-
-def _finish(plan: _Plan, out: Path) -> int:
-    """Merge the shards in order into OUT, then remove the parts folder."""
-    idx_parts, out_parts = [], [[] for _ in plan.outputs]
-    for s in range(plan.shards):
-        entry = plan.manifest["done"].get(str(s))
-        if entry is None:
-            raise KilnError(f"shard {s} is missing", hint="run again with --resume")
-        with np.load(plan.parts / entry["file"]) as z:
-            idx_parts.append(z["index"])
-            for k in range(len(plan.outputs)):
-                out_parts[k].append(z[f"out_{k}"])
-    index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-    if len(np.unique(index)) != len(index):
-        raise KilnError("an item appears twice in the shards", hint="delete the .parts folder and run again")
-    ids = np.asarray([plan.inputs.ids[i] for i in index])
-    outs = [np.concatenate(p) for p in out_parts]
-    tmp = out.with_name(out.name + ".tmp" + out.suffix)
-    if out.suffix == ".npz":
-        np.savez(tmp, id=ids, **{o.name: a for o, a in zip(plan.outputs, outs)})
-    else:
-        _write_parquet(tmp, ids, plan.outputs, outs)
-    os.replace(tmp, out)
-    shutil.rmtree(plan.parts)
-    return len(ids)
-
-
-def _write_parquet(path: Path, ids: np.ndarray, specs: list[TensorSpec], outs: list[np.ndarray]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {"id": pa.array(ids.tolist(), pa.string())}
-    meta = {}
-    for spec, a in zip(specs, outs):
-        flat = a.reshape(len(a), -1)
-        if flat.shape[1] == 1 and a.ndim == 1:
-            cols[spec.name] = pa.array(a)
-        else:
-            cols[spec.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
-            meta[f"kiln.shape.{spec.name}"] = json.dumps(list(a.shape[1:]))
-    table = pa.table(cols).replace_schema_metadata(meta)
-    pq.write_table(table, path)
 
 
 class _Progress:

@@ -102,7 +102,7 @@ def _profile_ort(version_dir: Path, entry: dict, inputs: list[TensorSpec], xs: l
     directory = repository.verify_artifact(version_dir, entry)
     tmp = tempfile.mkdtemp(prefix="kiln-ort-profile-")
     sess = ortb.session(directory / entry["artifact"]["meta"]["file"], device=device,
-                        threads=int(os.environ.get("KILN_ORT_THREADS", "0")), profile_prefix=os.path.join(tmp, "ort"))
+                        profile_prefix=os.path.join(tmp, "ort"))
     feeds = {s.name: x.numpy() for s, x in zip(inputs, xs)}
     names = [o.name for o in sess.get_outputs()]
     with PeakMemory(device) as mem:

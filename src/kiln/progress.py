@@ -10,6 +10,7 @@ from typing import IO, Protocol
 class Reporter(Protocol):
     def start(self, total: int) -> None: ...
     def step(self, variant: str, what: str) -> None: ...
+    def outcome(self, variant: str, text: str) -> None: ...
     def note(self, message: str) -> None: ...
     def close(self) -> None: ...
 
@@ -21,6 +22,9 @@ class Silent:
     def step(self, variant: str, what: str) -> None:
         pass
 
+    def outcome(self, variant: str, text: str) -> None:
+        pass
+
     def note(self, message: str) -> None:
         pass
 
@@ -29,7 +33,8 @@ class Silent:
 
 
 class Lines:
-    """`[ 3/20  12.4s, ~41s left] aoti/fp32: exporting` lines, for logs and pipes."""
+    """One line per variant outcome, `[ 8/20  12.4s, ~41s left] aoti/fp32: accepted`, for logs and pipes: steps
+    advance the count silently, so a log holds what happened, not every step of it."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -41,10 +46,12 @@ class Lines:
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
 
     def step(self, variant: str, what: str) -> None:
+        self.done = min(self.total, self.done + 1)
+
+    def outcome(self, variant: str, text: str) -> None:
         elapsed = time.perf_counter() - self.t0
         left = f", ~{elapsed / self.done * (self.total - self.done):.0f}s left" if self.done and self.total > self.done else ""
-        print(f"  [{self.done + 1:>2}/{self.total} {elapsed:5.1f}s{left}] {variant}: {what}", file=self.stream, flush=True)
-        self.done = min(self.total, self.done + 1)
+        print(f"  [{self.done:>2}/{self.total} {elapsed:5.1f}s{left}] {variant}: {text}", file=self.stream, flush=True)
 
     def note(self, message: str) -> None:
         print(f"  {message}", file=self.stream, flush=True)
@@ -62,7 +69,10 @@ class Bar:
 
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                                 console=Console(file=stream or sys.stderr), transient=True)
+                                 console=Console(file=stream or sys.stderr), transient=True,
+                                 # never swap the process's sys.stdout/sys.stderr for proxies: output printed after
+                                 # the bar (the variants table) must reach the real terminal
+                                 redirect_stdout=False, redirect_stderr=False)
         self.task = self.progress.add_task("starting", total=1)
 
     def start(self, total: int) -> None:
@@ -72,6 +82,9 @@ class Bar:
     def step(self, variant: str, what: str) -> None:
         self.progress.update(self.task, description=f"{variant}: {what}", advance=1)
 
+    def outcome(self, variant: str, text: str) -> None:
+        self.progress.console.print(f"  {variant}: {text}", highlight=False, markup=False)
+
     def note(self, message: str) -> None:
         self.progress.console.print(f"  {message}", highlight=False, markup=False)
 
@@ -80,7 +93,7 @@ class Bar:
 
 
 def reporter(*, quiet: bool = False, stream: IO[str] | None = None) -> Reporter:
-    """The right reporter for where output goes. Bind the stream now: builds silence sys.stderr."""
+    """The right reporter for where output goes: a bar on a terminal, plain lines otherwise."""
     stream = stream or sys.stderr
     if quiet:
         return Silent()

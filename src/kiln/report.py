@@ -31,9 +31,11 @@ def from_manifest(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize_accuracy(checks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Worst case over outputs; classifier numbers from the first output."""
+    """Worst case over outputs; classifier numbers from the first output. Outputs of the wrong shape have no numbers."""
+    mismatched = [f"{c['name']}: {c['shape_mismatch']}" for c in checks if c.get("shape_mismatch")]
+    checks = [c for c in checks if not c.get("shape_mismatch")]
     if not checks:
-        return {}
+        return {"shape_mismatch": "; ".join(mismatched)} if mismatched else {}
     first = checks[0]
     out: dict[str, Any] = {"max_rel_err": max(c["max_rel_err"] for c in checks), "cosine": min(c["cosine"] for c in checks)}
     for k in ("top1_agreement", "accuracy", "reference_accuracy"):

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import backends
-from kiln.backends.common import Skip
-from kiln.errors import KilnError
+from kiln.errors import KilnError, Skip
 from kiln.runner import Runner
 from kiln.source import sha256_file
 from kiln.spec import TensorSpec
@@ -122,8 +121,9 @@ def verify_artifact(version_dir: Path, entry: dict[str, Any]) -> Path:
     return directory
 
 
-def load(path: str | Path, *, device: str = "cpu", variant: str | None = None) -> Runner:
+def load(path: str | Path, *, device: str = "cpu", variant: str | None = None, threads: int | None = None) -> Runner:
     """Load the selected (or named) variant of a built model, after checking its integrity.
+    `threads` sets the intra-op threads of runtimes that own a thread pool (ONNX Runtime); torch's are per process.
 
     >>> runner = kiln.load("models/digits", device="cpu")
     """
@@ -140,7 +140,7 @@ def load(path: str | Path, *, device: str = "cpu", variant: str | None = None) -
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
     try:
-        runner: Runner = backend.load(directory, meta, inputs, outputs, device=device)
+        runner: Runner = backend.load(directory, meta, inputs, outputs, device=device, threads=threads)
     except Skip as e:
         raise KilnError(f"cannot load {entry['variant']} on {device}: {e}",
                         hint="pick another device, or another variant with variant=...") from None

@@ -10,6 +10,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -46,6 +47,10 @@ class ModelSource:
     sha256: str = ""
     weights_sha256: str | None = None
     notes: list[str] = field(default_factory=list)
+    local_files: list[str] = field(default_factory=list)
+    """Files the model imported from its own folder (the model file first), relative to that folder."""
+    from_artifact: bool = False
+    """The code is an artifact's copy: import it without writing bytecode beside it (it would be an extra file)."""
 
     @classmethod
     def parse(cls, text: str, *, weights: str | Path | None = None) -> ModelSource:
@@ -85,12 +90,19 @@ class ModelSource:
         return cls(kinds[p.suffix], text, path=p.resolve(), sha256=sha256_file(p))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind, "text": self.text, "path": str(self.path) if self.path else None,
+        """For kiln.json: names and hashes, never a build machine's absolute path."""
+        text = self.text
+        if self.path is not None:
+            text = self.path.name + (f":{self.attr}" if self.kind == "python" else "")
+        out: dict[str, Any] = {
+            "kind": self.kind, "text": text, "file": self.path.name if self.path else None,
             "module": self.module, "attr": self.attr, "sha256": self.sha256,
-            "weights": str(self.weights.resolve()) if self.weights else None,
+            "weights": self.weights.name if self.weights else None,
             "weights_sha256": self.weights_sha256,
         }
+        if self.path is not None and self.local_files:
+            out["files"] = {rel: sha256_file(self.path.parent / rel) for rel in self.local_files}
+        return out
 
 
 def load_module(src: ModelSource) -> nn.Module:
@@ -125,32 +137,84 @@ def load_module(src: ModelSource) -> nn.Module:
 
 def _import_attr(src: ModelSource) -> Any:
     if src.path is not None:
-        name = f"kiln_user_{hashlib.sha1(str(src.path).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(name, src.path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        # Let the model file import its sibling modules, as it would when run as a script.
-        sys.path.insert(0, str(src.path.parent))
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except Exception as e:
-            sys.modules.pop(name, None)
-            raise KilnError(f"importing {src.path} raised {type(e).__name__}: {e}",
-                            hint="run `python FILE` to see the full error") from None
-        finally:
-            sys.path.remove(str(src.path.parent))
+        mod = _import_file(src)
     else:
         try:
             mod = importlib.import_module(src.module)  # type: ignore[arg-type]
         except ImportError as e:
             raise KilnError(f"cannot import module {src.module!r}: {e}",
                             hint="install the package or use path/to/file.py:Factory") from None
-    if not hasattr(mod, src.attr):  # type: ignore[arg-type]
+    assert src.attr is not None
+    if not hasattr(mod, src.attr):
         public = sorted(n for n, v in vars(mod).items() if not n.startswith("_") and callable(v))
         raise KilnError(f"{src.path or src.module} has no attribute {src.attr!r}",
                         hint=f"available: {', '.join(public)[:300]}")
-    return getattr(mod, src.attr)  # type: ignore[arg-type]
+    return getattr(mod, src.attr)
+
+
+def _under(path: str | None, folder: Path) -> bool:
+    if not path:
+        return False
+    try:
+        Path(path).resolve().relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _import_file(src: ModelSource) -> ModuleType:
+    """Import a model file as a script would (its folder first on sys.path), and record in `src.local_files`
+    every file it pulled in from that folder, so that an artifact can carry copies of all of them.
+
+    Same-named modules imported earlier (another model's `layers.py`) are set aside during the import, so the
+    model gets its own folder's modules and every one of them is seen; a folder's modules win afterwards, as
+    they would for a script. A model that reaches outside its folder by changing sys.path is refused: kiln
+    could not carry those files."""
+    assert src.path is not None
+    folder = src.path.parent.resolve()
+    name = f"kiln_user_{hashlib.sha1(str(src.path).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, src.path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    tops = {p.stem if p.suffix == ".py" else p.name for p in folder.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    aside = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in tops}
+    path_before = list(sys.path)
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    sys.modules[name] = mod
+    write_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = write_bytecode or src.from_artifact
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise KilnError(f"importing {src.path} raised {type(e).__name__}: {e}",
+                        hint="run `python FILE` to see the full error") from None
+    finally:
+        sys.dont_write_bytecode = write_bytecode
+        added = [p for p in sys.path if p not in path_before and p != str(folder)]
+        sys.path[:] = path_before
+        new = {n: sys.modules[n] for n in set(sys.modules) - before if n in sys.modules}
+        for n, m in aside.items():
+            sys.modules.setdefault(n, m)
+    files = [src.path.name]
+    outside = []
+    for n, m in sorted(new.items()):
+        f = getattr(m, "__file__", None)
+        if n == name or not f:
+            continue
+        if _under(f, folder):
+            rel = str(Path(f).resolve().relative_to(folder))
+            if rel not in files:
+                files.append(rel)
+        elif any(_under(f, Path(p).resolve()) for p in added if p):
+            outside.append(f"{n} ({f})")
+    if outside:
+        raise KilnError(f"{src.path.name} imports {', '.join(outside)} through a sys.path entry it added itself; "
+                        "kiln copies only the files in the model's folder into the artifact",
+                        hint="move those modules beside the model file, or install them as a package (pip install -e)")
+    src.local_files = files
+    return mod
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -98,7 +98,7 @@ class TensorSpec:
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         try:
             rng = d.get("range")
-            return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), tuple(rng) if rng else None)  # type: ignore[arg-type]
+            return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), tuple(rng) if rng else None)
         except (KeyError, TypeError) as e:
             raise KilnError(
                 f"invalid tensor spec {d!r}: {e}",

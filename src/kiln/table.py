@@ -27,7 +27,7 @@ def variants_table(candidates: list[dict[str, Any]], batch_sizes: list[int], sel
         t.add_column(f"items/s @{large}", justify="right")
     for c in candidates:
         status = c.get("status", "?")
-        acc = c.get("accuracy") or []
+        acc = [a for a in c.get("accuracy") or [] if not a.get("shape_mismatch")]
         first = acc[0] if acc else {}
         agree = first.get("top1_agreement")
         agreement = f"{agree:.2%} top-1" if agree is not None else (f"cos {min(a['cosine'] for a in acc):.6f}" if acc else "")

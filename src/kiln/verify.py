@@ -46,6 +46,8 @@ class OutputCheck:
     accuracy: float | None = None
     reference_accuracy: float | None = None
     nonfinite: int = 0
+    shape_mismatch: str | None = None
+    """Set when the variant's output has another shape than the reference's: then no number is meaningful."""
 
 
 def compare(outputs: list[TensorSpec], reference: list[list[np.ndarray]], got: list[list[np.ndarray]],
@@ -54,8 +56,10 @@ def compare(outputs: list[TensorSpec], reference: list[list[np.ndarray]], got: l
     checks = []
     for k, spec in enumerate(outputs):
         # Batches may differ in non-batch dims (seq): measure over all elements, rows only for classifiers.
-        if any(rb[k].shape != gb[k].shape for rb, gb in zip(reference, got)):
-            checks.append(OutputCheck(spec.name, float("inf"), float("inf"), 0.0))
+        wrong = next(((rb[k].shape, gb[k].shape) for rb, gb in zip(reference, got) if rb[k].shape != gb[k].shape), None)
+        if wrong is not None:
+            checks.append(OutputCheck(spec.name, float("nan"), float("nan"), float("nan"),
+                                      shape_mismatch=f"shape {list(wrong[1])} where the reference has {list(wrong[0])}"))
             continue
         r = np.concatenate([b[k].astype(np.float64).ravel() for b in reference])
         g = np.concatenate([b[k].astype(np.float64).ravel() for b in got])
@@ -83,6 +87,9 @@ def judge(checks: list[OutputCheck], budget: Budget) -> list[str]:
     """Every way the variant breaks the budget; empty when accepted."""
     problems = []
     for c in checks:
+        if c.shape_mismatch:
+            problems.append(f"{c.name}: {c.shape_mismatch}")
+            continue
         if c.nonfinite:
             problems.append(f"{c.name}: {c.nonfinite} NaN/inf values where the reference is finite")
         if not c.max_rel_err <= budget.tolerance:
@@ -95,4 +102,11 @@ def judge(checks: list[OutputCheck], budget: Budget) -> list[str]:
 
 
 def to_dict(checks: list[OutputCheck]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in asdict(c).items() if v is not None} for c in checks]
+    """JSON-ready checks: a shape mismatch keeps its text and drops the meaningless numbers."""
+    out = []
+    for c in checks:
+        d = {k: v for k, v in asdict(c).items() if v is not None}
+        if c.shape_mismatch:
+            d = {"name": c.name, "shape_mismatch": c.shape_mismatch}
+        out.append(d)
+    return out

@@ -47,8 +47,9 @@ def test_predict_on_an_existing_cluster(cluster: str, digits_repo: Path, tmp_pat
 
 
 def test_compose_the_deployment(cluster: str, serve_repo: Path) -> None:
-    import kiln.ray
     from ray import serve
+
+    import kiln.ray
 
     port = free_port()
     ray.init(address=cluster, log_to_driver=False, configure_logging=False)

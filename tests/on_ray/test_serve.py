@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
 from tests.server.conftest import free_port
 from v2client import check_two, wait_ready
 

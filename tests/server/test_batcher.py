@@ -12,12 +12,26 @@ from kiln.server.batcher import Batcher, BatchInfo, Closed, Expired, QueueFull
 
 
 class Recorder:
-    def __init__(self, delay_s: float = 0.0) -> None:
+    """Records each batch and when it started. With `gated`, a batch holds until `release()`: a test knows a batch
+    is executing (`started` is set) instead of sleeping and hoping."""
+
+    def __init__(self, delay_s: float = 0.0, *, gated: bool = False) -> None:
         self.calls: list[list[Any]] = []
+        self.times: list[float] = []
         self.delay_s = delay_s
+        self.started = asyncio.Event()
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+
+    def release(self) -> None:
+        self.gate.set()
 
     async def __call__(self, items: list[Any]) -> list[Any]:
         self.calls.append(list(items))
+        self.times.append(time.monotonic())
+        self.started.set()
+        await self.gate.wait()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         for x in items:
@@ -62,15 +76,15 @@ def test_window_opens_at_first_request() -> None:
         rec = Recorder()
         b = Batcher(rec, max_batch_size=64, max_delay_ms=600, adaptive=False)
         b.start()
+        t_a = time.monotonic()
         first = asyncio.create_task(b.submit("a"))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the scenario itself: "b" arrives 300 ms into the window
         second = asyncio.create_task(b.submit("b"))
-        t0 = time.monotonic()
         await asyncio.gather(first, second)
-        waited = time.monotonic() - t0
         assert rec.calls == [["a", "b"]]
-        # the window closed ~600 ms after "a", i.e. ~300 ms after "b": not a fresh 600 ms from "b"
-        assert waited < 0.5, waited
+        # the batch ran when the window that "a" opened closed (600 ms after "a"), not 600 ms after "b" (900 ms)
+        ran_after = rec.times[0] - t_a
+        assert 0.59 <= ran_after < 0.85, ran_after
         await b.stop()
 
     run(main())
@@ -148,15 +162,17 @@ def test_a_failing_request_fails_alone() -> None:
 
 def test_queue_bound() -> None:
     async def main() -> None:
-        rec = Recorder(delay_s=0.2)
+        rec = Recorder(gated=True)
         b = Batcher(rec, max_batch_size=1, max_delay_ms=0, max_queue_size=2)
         b.start()
         running = asyncio.create_task(b.submit("busy"))
-        await asyncio.sleep(0.05)  # "busy" is executing; the queue is empty
+        await rec.started.wait()  # "busy" is executing; the queue is empty
         queued = [asyncio.create_task(b.submit(i)) for i in range(2)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # both queued tasks run up to their wait
+        assert b.queue_depth == 2
         with pytest.raises(QueueFull):
             await b.submit("one too many")
+        rec.release()
         assert await running == "out:busy" and [await q for q in queued] == ["out:0", "out:1"]
         await b.stop()
 
@@ -165,17 +181,17 @@ def test_queue_bound() -> None:
 
 def test_expired_request_never_runs() -> None:
     async def main() -> None:
-        rec = Recorder(delay_s=0.3)
+        rec = Recorder(gated=True)
         b = Batcher(rec, max_batch_size=1, max_delay_ms=0)
         b.start()
         busy = asyncio.create_task(b.submit("busy"))
-        await asyncio.sleep(0.02)
+        await rec.started.wait()
         with pytest.raises(Expired):
             await b.submit("late", timeout_s=0.05)
+        rec.release()
         await busy
-        await asyncio.sleep(0.05)
+        await b.stop()  # the loop has looked at the queue again before it stops
         assert rec.calls == [["busy"]]  # "late" was dropped, not run
-        await b.stop()
 
     run(main())
 

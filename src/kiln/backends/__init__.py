@@ -1,17 +1,47 @@
-"""One module per runtime. Each has NAME, `export(subject, dir, options=) -> meta` and
-`load(dir, meta, inputs, outputs, device=) -> Runner`; optionally `compatible(meta) -> reason | None`."""
+"""Runtimes as plug-ins: every module of this package that defines `NAME`, `variants`, `export` and `load`
+is a backend (see kiln.backends.common for the contract), and so is every `kiln.backends` entry point of an
+installed distribution. Adding a runtime is adding one module; the planner collects their declarations."""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from functools import cache
+from importlib.metadata import entry_points
 from types import ModuleType
 
 from kiln.errors import KilnError
 
-ORDER = ("eager", "torchscript", "aoti", "onnxruntime", "compile", "tensorrt")
+_CONTRACT = ("NAME", "RANK", "variants", "export", "load")
+_HELPERS = {"common", "cuda"}
+
+
+@cache
+def _discover() -> dict[str, ModuleType]:
+    found: list[ModuleType] = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name in _HELPERS:
+            continue
+        found.append(importlib.import_module(f"{__name__}.{info.name}"))
+    for ep in entry_points(group="kiln.backends"):
+        found.append(ep.load())
+    out: dict[str, ModuleType] = {}
+    for mod in sorted(found, key=lambda m: getattr(m, "RANK", 1000)):
+        missing = [a for a in _CONTRACT if not hasattr(mod, a)]
+        if missing:
+            raise KilnError(f"backend module {mod.__name__} lacks {', '.join(missing)}",
+                            hint="a backend defines NAME, RANK, variants(target), export(...) and load(...)")
+        out.setdefault(mod.NAME, mod)
+    return out
+
+
+def names() -> list[str]:
+    """Every backend, in table order (eager first)."""
+    return list(_discover())
 
 
 def get(name: str) -> ModuleType:
-    if name not in ORDER:
-        raise KilnError(f"unknown backend {name!r}", hint=f"choose from {', '.join(ORDER)}")
-    return importlib.import_module(f"kiln.backends.{name}")
+    found = _discover()
+    if name not in found:
+        raise KilnError(f"unknown backend {name!r}", hint=f"choose from {', '.join(found)}")
+    return found[name]

@@ -10,17 +10,34 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import (Skip, Subject, check_device, first_line, flatten_outputs, recipe_of, require_module,
-                                  torch_dynamic_shapes)
-from kiln.backends.eager import module_runner
-from kiln.errors import KilnError
+from kiln.backends.common import (
+    Subject,
+    Target,
+    check_device,
+    first_line,
+    flatten_outputs,
+    module_runner,
+    recipe_of,
+    require_module,
+    torch_dynamic_shapes,
+)
+from kiln.errors import KilnError, Skip
+from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.signature import FlatModel
 from kiln.spec import TensorSpec
-from kiln.transforms import Recipe, apply
+from kiln.transforms import apply
 
 NAME = "aoti"
+RANK = 30
 FILE = "model.aoti.pt2"
+
+
+def variants(t: Target) -> list[Recipe]:
+    out = [Recipe("fp32", t.fold)] + [Recipe(h, (*t.fold, *t.channels_last)) for h in t.halves]
+    if not t.cuda and t.transformable:
+        out.append(Recipe("int8-static"))
+    return out
 
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +120,7 @@ def compatible(meta: dict[str, Any]) -> str | None:
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
-         *, device: str = "cpu") -> Runner:
+         *, device: str = "cpu", threads: int | None = None) -> Runner:
     check_device(device)
     if meta.get("device", "cpu") != device.split(":")[0]:
         raise KilnError(f"this AOTInductor package was compiled for {meta.get('device')}, not {device}",

@@ -1,10 +1,19 @@
-"""Helpers the backends share: what is exported, how a backend says 'not here', dynamic shapes."""
+"""What the backends share: the plug-in contract's types, the torch Runner factory, self-contained code artifacts.
+
+A backend is one module under `kiln/backends/` (or a `kiln.backends` entry point) with:
+
+- `NAME` and `RANK` (its place in the variants table),
+- `variants(target: Target) -> list[Recipe]`: what it can build for this model, device and precision,
+- `export(subject: Subject, directory: Path, *, options: dict) -> dict` (the artifact's meta),
+- `load(directory: Path, meta: dict, inputs, outputs, *, device: str, threads: int | None) -> Runner`,
+- optionally `compatible(meta) -> str | None` (why an artifact cannot load with the libraries here).
+"""
 
 from __future__ import annotations
 
 import re
 import shutil
-import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,14 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, Skip
+from kiln.recipe import Recipe
+from kiln.runner import Runner
 from kiln.source import ModelSource, load_module
 from kiln.spec import TensorSpec
-from kiln.transforms import Recipe
 
-
-class Skip(Exception):
-    """A variant that cannot run here (missing package, no GPU, unsupported source): never faked."""
+CODE_DIR = "code"
 
 
 @dataclass
@@ -35,6 +43,44 @@ class Subject:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What the planner knows when it asks a backend which variants it can build.
+
+    `halves` are the float precisions worth trying here (on a CPU only those an eager probe found faster);
+    `prune` is the --prune fraction; `transformable` is False for sources that are exported as they are
+    (TorchScript, .pt2, ONNX)."""
+
+    device: str = "cpu"
+    source_kind: str = "python"
+    batchnorm: int = 0
+    conv: int = 0
+    linear: int = 0
+    halves: tuple[str, ...] = ()
+    prune: float | None = None
+    transformable: bool = True
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def fold(self) -> tuple[str, ...]:
+        """The bnfold pass where the model has BatchNorm to fold."""
+        return ("bnfold",) if self.batchnorm and self.transformable else ()
+
+    @property
+    def channels_last(self) -> tuple[str, ...]:
+        return ("channels_last",) if self.conv and self.transformable else ()
+
+    def pruned(self, *base: str) -> list[Recipe]:
+        """Magnitude and structured pruning after `base` passes, when --prune was given."""
+        if self.prune is None or not self.transformable:
+            return []
+        pct = round(self.prune * 100)
+        return [Recipe("fp32", (*base, f"prune{pct}")), Recipe("fp32", (*base, f"chprune{pct}"))]
+
+
 def require_module(subject: Subject, backend: str) -> nn.Module:
     if subject.module is None:
         raise Skip(f"{backend} needs a PyTorch model; an {subject.source.kind} source runs only on onnxruntime")
@@ -43,7 +89,8 @@ def require_module(subject: Subject, backend: str) -> nn.Module:
 
 def recipe_of(options: dict[str, Any]) -> Recipe:
     """The variant's recipe from export options (fp32, no passes, when none is given)."""
-    return options.get("recipe") or Recipe()
+    recipe: Recipe = options.get("recipe") or Recipe()
+    return recipe
 
 
 def torch_dynamic_shapes(specs: list[TensorSpec], *, auto: bool = False) -> tuple[tuple[dict[int, Any], ...]]:
@@ -74,12 +121,32 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [v for v in out.values()]
-    return [t for t in out]
+        return list(out.values())
+    return list(out)
+
+
+def module_runner(call: Callable[..., Sequence[torch.Tensor]], variant: str, inputs: list[TensorSpec],
+                  outputs: list[TensorSpec], device: str, *, graphs: Sequence[int] | None = None,
+                  grad: Callable[[], Any] = torch.inference_mode) -> Runner:
+    """The Runner of every torch backend: `call(*tensors) -> tensors`, on CUDA through kiln.backends.cuda.
+
+    >>> runner = module_runner(FlatModel(model), "eager/fp32", inputs, outputs, "cpu")
+    """
+
+    def run(xs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        with grad():
+            return call(*xs)
+
+    if device.startswith("cuda"):
+        from kiln.backends import cuda
+
+        return Runner(variant, inputs, outputs, cuda.wrap(run, device, graphs=graphs), device)
+    return Runner(variant, inputs, outputs, run, device)
 
 
 def save_python_source(subject: Subject, directory: Path) -> dict[str, Any]:
-    """Eager and compile artifacts: a copy of the model code plus its weights as safetensors."""
+    """Eager and compile artifacts: the model's code (its file and every file it imported from its own folder,
+    under code/) plus its weights as safetensors. Loading reads only these copies."""
     from safetensors.torch import save_model
 
     src = subject.source
@@ -87,35 +154,36 @@ def save_python_source(subject: Subject, directory: Path) -> dict[str, Any]:
     meta: dict[str, Any] = {"source_kind": src.kind}
     if src.kind == "python":
         if src.path is not None:
-            shutil.copyfile(src.path, directory / "model_source.py")
-            meta.update(file="model_source.py", source_dir=str(src.path.parent), attr=src.attr)
+            folder = src.path.parent
+            for rel in src.local_files:
+                dest = directory / CODE_DIR / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / rel, dest)
+            meta.update(file=f"{CODE_DIR}/{src.path.name}", attr=src.attr,
+                        code=[f"{CODE_DIR}/{rel}" for rel in src.local_files])
         else:
             meta.update(module=src.module, attr=src.attr)
         save_model(module, str(directory / "weights.safetensors"))
     elif src.kind in ("torchscript", "exported"):
         name = "model.pt" if src.kind == "torchscript" else "model.pt2"
-        shutil.copyfile(src.path, directory / name)  # type: ignore[arg-type]
+        assert src.path is not None
+        shutil.copyfile(src.path, directory / name)
         meta.update(file=name)
     return meta
 
 
 def rebuild_module(directory: Path, meta: dict[str, Any]) -> nn.Module:
-    """Inverse of save_python_source."""
+    """Inverse of save_python_source: the model from the artifact's own copies, never from the build machine."""
     kind = meta["source_kind"]
     if kind == "python":
+        weights = directory / "weights.safetensors"
         if "file" in meta:
-            src = ModelSource("python", meta["attr"], path=directory / meta["file"], attr=meta["attr"],
-                              weights=directory / "weights.safetensors")
-            # The model file may import modules that sat beside the original.
-            extra = meta.get("source_dir")
-            if extra and extra not in sys.path:
-                sys.path.append(extra)
+            path = directory / meta["file"]
+            src = ModelSource("python", meta["attr"], path=path, attr=meta["attr"], weights=weights, from_artifact=True)
         else:
-            src = ModelSource("python", meta["module"], module=meta["module"], attr=meta["attr"],
-                              weights=directory / "weights.safetensors")
+            src = ModelSource("python", meta["module"], module=meta["module"], attr=meta["attr"], weights=weights)
         return load_module(src)
-    src = ModelSource(kind, meta["file"], path=directory / meta["file"])
-    return load_module(src)
+    return load_module(ModelSource(kind, meta["file"], path=directory / meta["file"]))
 
 
 def check_device(device: str) -> None:

@@ -12,14 +12,39 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import Skip, Subject, check_device, rebuild_module, recipe_of, require_module, save_python_source
-from kiln.backends.eager import check_recipe, module_runner, recipe_meta
+from kiln.backends.common import (
+    Subject,
+    Target,
+    check_device,
+    module_runner,
+    rebuild_module,
+    recipe_of,
+    require_module,
+    save_python_source,
+)
+from kiln.backends.eager import check_recipe, recipe_meta
+from kiln.errors import Skip
+from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.signature import FlatModel, example_inputs
 from kiln.spec import TensorSpec
-from kiln.transforms import Recipe, apply
+from kiln.transforms import apply
 
 NAME = "compile"
+RANK = 50
+
+
+def variants(t: Target) -> list[Recipe]:
+    out = [Recipe("fp32", t.fold)]
+    for h in t.halves:
+        out.append(Recipe(h, (*t.fold, *t.channels_last)))
+        if t.cuda:
+            out.append(Recipe(h, (*t.fold, *t.channels_last, "cudagraphs")))
+    if t.cuda and t.halves:
+        out.append(Recipe(t.halves[0], (*t.fold, *t.channels_last, "max-autotune", "cudagraphs")))
+    if t.linear:
+        out.append(Recipe("int8-dynamic", t.fold))
+    return out
 DEFAULT_OPTIONS: dict[str, Any] = {"mode": "default", "fullgraph": False}
 
 
@@ -37,7 +62,7 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
-         *, device: str = "cpu") -> Runner:
+         *, device: str = "cpu", threads: int | None = None) -> Runner:
     check_device(device)
     recipe = Recipe.parse(meta.get("recipe", "fp32"))
     flat = FlatModel(apply(rebuild_module(directory, meta), recipe)).to(device).eval()

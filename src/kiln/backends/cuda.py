@@ -7,13 +7,15 @@ they cannot run.
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from kiln.backends.common import Skip
+from kiln.errors import Skip
 
 Fn = Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -21,13 +23,21 @@ MAX_GRAPHS = 64  # shape keys captured per runner; beyond that a batch runs with
 
 
 def configure(device: str) -> None:
-    """cudnn picks the fastest convolution algorithm per shape (benchmark mode); fp32 variants are not silently
-    TF32 (which loses ~3 decimal digits and fails a 1e-3 budget on deep models): TF32 would be its own variant."""
+    """Check the GPU is there, and set torch's process-wide CUDA flags once per process (not on every load):
+    cudnn picks the fastest convolution algorithm per shape (benchmark mode); fp32 variants are not silently
+    TF32 (which loses ~3 decimal digits and fails a 1e-3 budget on deep models): TF32 would be its own variant.
+    The flags are logged on `kiln.cuda` when set."""
     if not torch.cuda.is_available():
         raise Skip("no CUDA GPU on this machine")
+    _set_process_flags()
+
+
+@functools.cache
+def _set_process_flags() -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    logging.getLogger("kiln.cuda").info("set cudnn.benchmark=True, cudnn.allow_tf32=False, matmul.allow_tf32=False")
 
 
 def buckets_for(batch_sizes: Sequence[int], max_batch: int = 64) -> list[int]:

@@ -4,20 +4,43 @@ at load, so a transform never has to survive serialisation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from kiln.backends import cuda
-from kiln.backends.common import Skip, Subject, check_device, rebuild_module, recipe_of, require_module, save_python_source
+from kiln.backends.common import (
+    Subject,
+    Target,
+    check_device,
+    module_runner,
+    rebuild_module,
+    recipe_of,
+    require_module,
+    save_python_source,
+)
+from kiln.errors import Skip
+from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.signature import FlatModel
 from kiln.spec import TensorSpec
-from kiln.transforms import Recipe, apply
+from kiln.transforms import apply
 
 NAME = "eager"
+RANK = 10
+
+
+def variants(t: Target) -> list[Recipe]:
+    """The untouched fp32 reference always first; then folding, channels_last (CPU), halves, CUDA graphs, torchao int8."""
+    out = [Recipe("fp32")]
+    if t.fold:
+        out.append(Recipe("fp32", t.fold))
+    if t.channels_last and not t.cuda:
+        out.append(Recipe("fp32", (*t.fold, *t.channels_last)))
+    out += [Recipe(h, (*t.fold, *t.channels_last)) for h in t.halves]
+    if t.cuda and t.halves:
+        out.append(Recipe(t.halves[0], (*t.fold, *t.channels_last, "cudagraphs")))
+    if t.linear:
+        out.append(Recipe("int8-dynamic", t.fold))
+    return out + t.pruned(*t.fold)
 
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
@@ -38,26 +61,16 @@ def check_recipe(recipe: Recipe, device: str) -> None:
 def recipe_meta(recipe: Recipe, options: dict[str, Any]) -> dict[str, Any]:
     meta: dict[str, Any] = {"recipe": recipe.tag}
     if recipe.has("cudagraphs"):
+        from kiln.backends import cuda
+
         meta["cudagraph_buckets"] = cuda.buckets_for(options.get("batch_sizes", ()))
     return meta
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
-         *, device: str = "cpu") -> Runner:
+         *, device: str = "cpu", threads: int | None = None) -> Runner:
     check_device(device)
     recipe = Recipe.parse(meta.get("recipe", "fp32"))
     flat = FlatModel(apply(rebuild_module(directory, meta), recipe)).to(device).eval()
     return module_runner(flat, f"{NAME}/{recipe.tag}", inputs, outputs, device, graphs=meta.get("cudagraph_buckets"))
 
-
-def module_runner(call: Callable[..., Sequence[torch.Tensor]], variant: str, inputs: list[TensorSpec],
-                  outputs: list[TensorSpec], device: str, *, graphs: Sequence[int] | None = None,
-                  grad: Callable[[], Any] = torch.inference_mode) -> Runner:
-    """A Runner around a torch callable `call(*tensors) -> tensors`; on CUDA through kiln.backends.cuda."""
-
-    def run(xs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
-        with grad():
-            return call(*xs)
-
-    fn = cuda.wrap(run, device, graphs=graphs) if device.startswith("cuda") else run
-    return Runner(variant, inputs, outputs, fn, device)

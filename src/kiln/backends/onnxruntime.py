@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kiln.backends.common import Skip, Subject, check_device, first_line, recipe_of, require_module, torch_dynamic_shapes
-from kiln.errors import KilnError
+from kiln.backends.common import Subject, Target, check_device, first_line, recipe_of, require_module, torch_dynamic_shapes
+from kiln.errors import KilnError, Skip
+from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.signature import FlatModel
 from kiln.spec import TensorSpec
-from kiln.transforms import Recipe, apply
+from kiln.transforms import apply
 
 NAME = "onnxruntime"
+RANK = 40
 FILE = "model.onnx"
 # Beyond this the protobuf limit (2 GiB) is near: keep weights in an external data file.
 _EXTERNAL_BYTES = 1 << 30
@@ -27,6 +28,10 @@ _ORT_TYPES = {
     "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
     "tensor(int16)": "int16", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
+
+
+def variants(t: Target) -> list[Recipe]:
+    return [Recipe("fp32"), Recipe("int8-dynamic"), Recipe("int8-static"), *t.pruned()]
 
 
 def _ort() -> Any:
@@ -142,10 +147,9 @@ def signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
-         *, device: str = "cpu") -> Runner:
+         *, device: str = "cpu", threads: int | None = None) -> Runner:
     check_device(device)
-    threads = int(os.environ.get("KILN_ORT_THREADS", "0"))
-    sess = session(directory / meta["file"], device=device, threads=threads)
+    sess = session(directory / meta["file"], device=device, threads=threads or 0)
     in_names = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in outputs]
     if sorted(in_names) != sorted(s.name for s in inputs):

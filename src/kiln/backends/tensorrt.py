@@ -23,16 +23,22 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import Skip, Subject, check_device, recipe_of
-from kiln.backends.eager import module_runner
-from kiln.errors import KilnError
+from kiln.backends.common import Subject, Target, check_device, module_runner, recipe_of
+from kiln.errors import KilnError, Skip
+from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.spec import TensorSpec
-from kiln.transforms import Recipe
 
 NAME = "tensorrt"
+RANK = 60
 FILE = "model.engine"
 WORKSPACE_BYTES = 4 << 30
+
+
+def variants(t: Target) -> list[Recipe]:
+    if not t.cuda:  # on a CPU machine one row says why TensorRT is not here
+        return [Recipe("fp32")]
+    return [Recipe("fp32"), *(Recipe(h) for h in t.halves), Recipe("int8-static")]
 
 
 def _trt() -> Any:
@@ -60,12 +66,18 @@ def profile_shapes(inputs: list[TensorSpec], batch_sizes: list[int], dim_sizes: 
         lo, opt, hi = [], [], []
         for k, d in enumerate(s.shape):
             if isinstance(d, int):
-                lo.append(d), opt.append(d), hi.append(d)
+                lo.append(d)
+                opt.append(d)
+                hi.append(d)
             elif k == 0 and i == 0 or d == inputs[0].shape[0]:
-                lo.append(1), opt.append(top), hi.append(top)
+                lo.append(1)
+                opt.append(top)
+                hi.append(top)
             else:
                 size = dim_sizes.get(d, 128)
-                lo.append(1), opt.append(size), hi.append(size)
+                lo.append(1)
+                opt.append(size)
+                hi.append(size)
         out[s.name] = (tuple(lo), tuple(opt), tuple(hi))
     return out
 
@@ -156,7 +168,7 @@ def compatible(meta: dict[str, Any]) -> str | None:
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
-         *, device: str = "cpu") -> Runner:
+         *, device: str = "cpu", threads: int | None = None) -> Runner:
     trt = _trt()
     if not device.startswith("cuda"):
         raise Skip("TensorRT engines run on NVIDIA GPUs")

@@ -8,9 +8,18 @@ from typing import Any
 
 import torch
 
-from kiln.backends.common import Skip, Subject, check_device, first_line, flatten_outputs, recipe_of, require_module
-from kiln.backends.eager import module_runner
-from kiln.errors import KilnError
+from kiln.backends.common import (
+    Subject,
+    Target,
+    check_device,
+    first_line,
+    flatten_outputs,
+    module_runner,
+    recipe_of,
+    require_module,
+)
+from kiln.errors import KilnError, Skip
+from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.signature import FlatModel, example_inputs
 from kiln.source import load_torchscript
@@ -18,6 +27,11 @@ from kiln.spec import TensorSpec
 from kiln.transforms import apply
 
 NAME = "torchscript"
+RANK = 20
+
+
+def variants(t: Target) -> list[Recipe]:
+    return [Recipe("fp32")]
 FILE = "model.ts.pt"
 
 
@@ -107,7 +121,7 @@ def disagreement(candidate: Any, flat: torch.nn.Module, inputs: list[TensorSpec]
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
-         *, device: str = "cpu") -> Runner:
+         *, device: str = "cpu", threads: int | None = None) -> Runner:
     check_device(device)
     module = load_torchscript(directory / meta["file"], map_location=device)
 

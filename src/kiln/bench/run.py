@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,8 +78,20 @@ def bench(path: str | Path, *, variants: list[str] | None = None, batch_sizes: l
     if threads is not None:
         if threads < 1:
             raise KilnError(f"--threads {threads} must be at least 1", hint="e.g. --threads 2")
-        torch.set_num_threads(threads)
-        os.environ["KILN_ORT_THREADS"] = str(threads)  # read by the onnxruntime backend when it loads
+    threads_before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)  # torch's pool is per process: set for this bench, restored after
+        return _bench_variants(version_dir, m, chosen, accepted, inputs, outputs, sizes, threads, device, data,
+                               dim_sizes, min_time_s, prog)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _bench_variants(version_dir: Path, m: dict[str, Any], chosen: list[str], accepted: list[str], inputs: list[TensorSpec],
+                    outputs: list[TensorSpec], sizes: list[int], threads: int | None, device: str,
+                    data: str | Path | None, dim_sizes: dict[str, int] | None, min_time_s: float,
+                    prog: Reporter) -> BenchReport:
     verify = verification_data(inputs, Path(data) if data else None)
     reference = None
     if data is not None:
@@ -98,7 +109,7 @@ def bench(path: str | Path, *, variants: list[str] | None = None, batch_sizes: l
             with PeakMemory(device) as mem:
                 prog.step(variant, "loading")
                 t0 = time.perf_counter()
-                runner = repository.load(version_dir, device=device, variant=variant)
+                runner = repository.load(version_dir, device=device, variant=variant, threads=threads)
                 vb.load_s = time.perf_counter() - t0
                 prog.step(variant, "checking accuracy")
                 if reference is not None:
@@ -113,12 +124,16 @@ def bench(path: str | Path, *, variants: list[str] | None = None, batch_sizes: l
             vb.memory_mb = max(0.0, mem.peak_mb)
         except KilnError as e:
             vb.status, vb.reason = "failed", e.message
+        best = min((tm.p50_ms for tm in vb.timings), default=None)
+        prog.outcome(variant, f"{vb.status} - {vb.reason}" if vb.status != "accepted" else
+                     f"timed at batch {', '.join(str(tm.batch) for tm in vb.timings)}" + (f" (p50 {best:.3f} ms at the smallest)" if best else ""))
         results.append(vb)
         del runner
     prog.close()
     source = f"recomputed against eager/fp32 on {verify.description}" if reference is not None else \
         f"from the build's verification on {m['verification']['data']}"
-    return BenchReport(m["name"], m["version"], version_dir, device, torch.get_num_threads(), sizes, source, results, m)
+    return BenchReport(m["name"], m["version"], version_dir, device, threads or torch.get_num_threads(), sizes, source,
+                       results, m)
 
 
 def report_data(r: BenchReport) -> dict[str, Any]:

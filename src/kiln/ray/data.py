@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
-from kiln.ray import require_ray
+from kiln.ray.cluster import require_ray
 
 
 class _Predictor:
@@ -47,13 +47,13 @@ def run_shards(args: dict[str, Any], plan: Any, todo: list[int], bar: Any, *, ad
                replicas: int, gpus_per_replica: float, on_error: str) -> None:
     """Run every item of the shards in `todo` on Ray Data, writing each shard as it completes."""
     ray = require_ray()
-    from kiln.predict import ShardCollector
+    from kiln.shards import ShardCollector
 
     if replicas < 1:
         raise KilnError(f"--replicas {replicas} must be at least 1", hint="e.g. --replicas 2")
     started_here = not ray.is_initialized()
     if started_here:
-        from kiln.ray import init
+        from kiln.ray.cluster import init
 
         init(address)
     try:

@@ -8,6 +8,7 @@ errors and batching are the same as `kiln serve`.
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,13 @@ class KilnModel:
 
 
 class RemoteModel(ServedModel):
-    """The ingress's view of a model: validated requests go to the model deployment's replicas."""
+    """The ingress's view of a model: validated requests go to the model deployment's replicas. `handles` maps
+    model names to their deployments' handles; each ingress passes its own (no state shared through the class)."""
 
-    handles: dict[str, Any] = {}
+    def __init__(self, name: str, version_dir: Path, manifest: dict[str, Any], config: ModelConfig, *,
+                 handles: dict[str, Any], observer: Any = None) -> None:
+        super().__init__(name, version_dir, manifest, config, observer=observer)
+        self.handles = handles
 
     def describe(self) -> str:
         return "Ray Serve deployment"
@@ -69,7 +74,7 @@ class RemoteModel(ServedModel):
         timeout = timeout_s or self.config.timeout_ms / 1e3
         try:
             return await asyncio.wait_for(self.handle.infer.remote(req.arrays, req.rows, timeout), timeout + 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             from kiln.server.batcher import Expired
 
             raise Expired(f"no answer from the model's replicas within {timeout * 1e3:.0f} ms") from None
@@ -88,7 +93,7 @@ class KilnIngress:
         from kiln.server.app import create_app
         from kiln.server.dataplane import DataPlane
 
-        factory = type("BoundRemoteModel", (RemoteModel,), {"handles": self.handles})
+        factory = functools.partial(RemoteModel, handles=self.handles)
         plane = DataPlane(Path(self.repo), overrides=self.overrides, only=self.models, model_factory=factory)
         return create_app(plane, api_key=self.api_key, max_body_bytes=self.max_body_bytes, load_in_background=False)
 
@@ -125,9 +130,10 @@ def deployment(repo: str | Path, *, models: list[str] | None = None, overrides: 
                                           "target_ongoing_requests": target_ongoing_requests}
         else:
             opts["num_replicas"] = num_replicas
-        bound[name] = KilnModel.options(**opts).bind(str(version_dir), config.model_dump())
-    ingress = serve.deployment(KilnIngress).options(name="kiln-ingress", ray_actor_options={"num_cpus": 0},
-                                                    max_ongoing_requests=1024)
+        model = KilnModel.options(**opts)  # type: ignore[attr-defined]
+        bound[name] = model.bind(str(version_dir), config.model_dump())
+    ingress = serve.deployment(KilnIngress).options(  # type: ignore[attr-defined]
+        name="kiln-ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
     return ingress.bind(str(repo), names, overrides, api_key, max_body_bytes, bound)
 
 
@@ -140,7 +146,7 @@ def run(repo: str | Path, *, host: str, port: int, address: str | None, models: 
 
     import ray
 
-    from kiln.ray import init
+    from kiln.ray.cluster import init
 
     app = deployment(repo, models=models, overrides=overrides, **options)
     init(address)

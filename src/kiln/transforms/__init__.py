@@ -1,21 +1,8 @@
-"""Model-to-model passes applied before export, and the Recipe that names them in a variant.
-
-A variant is `backend/recipe`, e.g. `aoti/int8-static`, `eager/fp16+channels_last+cudagraphs`,
-`onnxruntime/fp32+prune30`. The recipe's precision is one of PRECISIONS; its passes run in order:
-
-- `bnfold`          BatchNorm folded into the Conv/Linear before it (exact up to rounding)
-- `prune<P>`        magnitude pruning: the P% smallest weights of every Conv/Linear set to zero
-- `chprune<P>`      structured pruning: P% of the channels between two Conv/Linear layers removed
-- `channels_last`   NHWC memory format for 4-D inputs and weights
-- `cudagraphs`      CUDA graphs per batch bucket (runtime option, CUDA only)
-- `max-autotune`    torch.compile mode max-autotune (runtime option, compile backend)
-"""
+"""Model-to-model passes applied before export (see kiln.recipe for the names a variant carries)."""
 
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,47 +10,9 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from kiln.errors import KilnError
+from kiln.recipe import PRECISIONS, Recipe
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
-FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-RUNTIME_PASSES = ("cudagraphs", "max-autotune")
-_PASS = re.compile(r"^(bnfold|channels_last|cudagraphs|max-autotune|(ch)?prune([1-9][0-9]?))$")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    precision: str = "fp32"
-    passes: tuple[str, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise KilnError(f"unknown precision {self.precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
-        bad = [p for p in self.passes if not _PASS.match(p)]
-        if bad:
-            raise KilnError(f"unknown transform {bad[0]!r}", hint="see `kiln build --help` for the passes")
-
-    @property
-    def tag(self) -> str:
-        return "+".join((self.precision, *self.passes))
-
-    @classmethod
-    def parse(cls, tag: str) -> Recipe:
-        precision, *passes = tag.split("+")
-        return cls(precision, tuple(passes))
-
-    def has(self, name: str) -> bool:
-        return name in self.passes
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return FLOAT_DTYPES.get(self.precision)
-
-    def prune(self) -> tuple[str, float] | None:
-        for p in self.passes:
-            m = _PASS.match(p)
-            if m and m.group(3):
-                return ("structured" if m.group(2) else "magnitude", int(m.group(3)) / 100)
-        return None
+__all__ = ["PRECISIONS", "Adapted", "Recipe", "apply", "layer_kinds"]
 
 
 class Adapted(nn.Module):
@@ -115,7 +64,7 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
     if recipe.dtype is not None:
         out = out.to(recipe.dtype)
     if channels_last:
-        out = out.to(memory_format=torch.channels_last)
+        out = out.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if recipe.dtype is not None or channels_last:
         out = Adapted(out, recipe.dtype, channels_last)
     return out

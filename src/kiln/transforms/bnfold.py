@@ -7,6 +7,8 @@ The model's class stays the same: the conv gets the folded parameters and the BN
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
@@ -39,7 +41,7 @@ def _foldable(prev: nn.Module, bn: nn.Module) -> bool:
     return isinstance(prev, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and prev.out_features == bn.num_features
 
 
-def _fold(prev: nn.Module, bn: nn.Module) -> None:
+def _fold(prev: Any, bn: Any) -> None:  # a Conv/Linear and its BatchNorm
     with torch.no_grad():
         w_bn = bn.weight if bn.affine else torch.ones_like(bn.running_mean)
         b_bn = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
@@ -67,7 +69,7 @@ def _pairs_from_graph(model: nn.Module) -> list[tuple[str, str]] | None:
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
@@ -75,7 +77,7 @@ def _pairs_from_graph(model: nn.Module) -> list[tuple[str, str]] | None:
         src = node.args[0] if node.args else None
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
                 and isinstance(modules.get(src.target), (*_CONV, nn.Linear))
-                and calls[src.target] == 1 and calls[node.target] == 1):  # a shared layer cannot be folded once
+                and calls[str(src.target)] == 1 and calls[str(node.target)] == 1):  # a shared layer cannot be folded once
             pairs.append((str(src.target), str(node.target)))
     return pairs
 

@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.backends.common import Skip
+from kiln.errors import Skip
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish,
@@ -52,7 +53,8 @@ def structured(model: nn.Module, amount: float) -> str:
     before = sum(p.numel() for p in model.parameters())
     removed = channels = 0
     for producer, middle, consumer in pairs:
-        prod, cons = model.get_submodule(producer), model.get_submodule(consumer)
+        prod: Any = model.get_submodule(producer)
+        cons = model.get_submodule(consumer)
         n = prod.weight.shape[0]
         keep_n = max(1, n - int(round(n * amount)))
         score = prod.weight.detach().abs().flatten(1).sum(1)
@@ -127,8 +129,8 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _slice_out(m: nn.Module, keep: torch.Tensor) -> nn.Module:
-    new = _like(m, out=len(keep))
+def _slice_out(m: Any, keep: torch.Tensor) -> nn.Module:
+    new: Any = _like(m, out=len(keep))
     with torch.no_grad():
         new.weight.copy_(m.weight[keep])
         if m.bias is not None:
@@ -136,8 +138,8 @@ def _slice_out(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     return new
 
 
-def _slice_in(m: nn.Module, keep: torch.Tensor) -> nn.Module:
-    new = _like(m, inp=len(keep))
+def _slice_in(m: Any, keep: torch.Tensor) -> nn.Module:
+    new: Any = _like(m, inp=len(keep))
     with torch.no_grad():
         new.weight.copy_(m.weight[:, keep])
         if m.bias is not None:
@@ -156,7 +158,7 @@ def _slice_bn(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
     return new
 
 
-def _like(m: nn.Module, *, out: int | None = None, inp: int | None = None) -> nn.Module:
+def _like(m: Any, *, out: int | None = None, inp: int | None = None) -> nn.Module:
     bias = m.bias is not None
     if isinstance(m, nn.Linear):
         new: nn.Module = nn.Linear(inp or m.in_features, out or m.out_features, bias=bias)

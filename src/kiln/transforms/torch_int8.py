@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.backends.common import Skip
-from kiln.errors import KilnError
+from kiln.errors import KilnError, Skip
 
 
 def torchao() -> Any:
@@ -28,7 +27,7 @@ def torchao() -> Any:
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             import torchao
-            import torchao.quantization  # noqa: F401
+            import torchao.quantization
     except ImportError:
         raise Skip("torchao is not installed (pip install torchao)") from None
     finally:
@@ -65,7 +64,7 @@ def static(flat: nn.Module, examples: tuple[torch.Tensor, ...], dynamic_shapes: 
     captured = torch.export.export(flat, examples, dynamic_shapes=dynamic_shapes, strict=False).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(captured, quantizer)  # type: ignore[arg-type]
+    prepared = prepare_pt2e(captured, quantizer)
     with torch.no_grad():
         for batch in calibration:
             prepared(*batch)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import io
 import logging
 import os
 import platform
@@ -14,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,10 +21,10 @@ import numpy as np
 import torch
 
 from kiln import __version__, backends, repository
-from kiln.backends.common import Skip, Subject, first_line
+from kiln.backends.common import Subject, first_line
 from kiln.bench.timing import Timing, time_runner
 from kiln.data import VerifyData, batch_dim, timing_inputs, verification_data
-from kiln.errors import KilnError
+from kiln.errors import KilnError, Skip
 from kiln.plan import Variant, plan, probe_low_precision
 from kiln.progress import Reporter, Silent
 from kiln.runner import Runner
@@ -85,6 +84,19 @@ class BuildResult:
         return next(c for c in self.candidates if c.variant == variant)
 
 
+@dataclass
+class Resolved:
+    """Stage 1's result: the source, its eager module (None for ONNX), its signature and the fp32 reference."""
+
+    source: ModelSource
+    name: str
+    module: torch.nn.Module | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    reference: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+
 def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[str | TensorSpec] | None = None,
           name: str | None = None, repo: str | Path = "models", data: str | Path | None = None,
           budget: Budget | None = None, batch_sizes: Sequence[int] = (1, 32), objective: Objective = "latency",
@@ -101,6 +113,8 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
 
     `precision` bounds the search (fp32, fp16, bf16, int8 or auto), `prune` adds pruned variants (a fraction),
     `variants` keeps only variants matching these glob patterns (e.g. ["compile/fp16*", "eager/fp32*"]).
+    The stages, each usable alone: resolve -> plan_variants -> verification data and reference outputs ->
+    run_variant (export, load back, verify, time) for each -> select -> write_repository -> report.
     """
     prog = progress or Silent()
     budget = budget or Budget()
@@ -108,76 +122,115 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
         raise KilnError(f"unknown objective {objective!r}", hint="use latency or throughput")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise KilnError(f"bad batch sizes {list(batch_sizes)}", hint="give positive sizes, e.g. --batch 1,32")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KilnError(f"--device {device} but this machine has no CUDA GPU", hint="build with --device cpu, or on a GPU machine")
-    names = list(backend_names or backends.ORDER)
+    check_build_device(device)
+    names = list(backend_names or backends.names())
     for n in names:
         backends.get(n)
-    src = ModelSource.parse(source, weights=weights)
-    in_specs, toml_name, preprocess = _input_specs(src, inputs)
-    name = repository.check_name(name or toml_name or _default_name(src))
-    with _quiet():
-        module = load_module(src) if src.kind != "onnx" else None
-        if module is not None:
-            if not in_specs:
-                raise KilnError(f"no input spec for {src.text}",
-                                hint="give --input NAME:DTYPE[DIMS] (e.g. image:float32[batch,1,8,8]) or a kiln.toml beside the model")
-            out_specs = discover_outputs(module, in_specs)
-            reference: Callable[[list[torch.Tensor]], list[torch.Tensor]] = _eager_reference(module, device)
-        else:
-            from kiln.backends import onnxruntime as ortb
-
-            graph_in, out_specs = ortb.signature(src.path)  # type: ignore[arg-type]
-            in_specs = _merge_onnx_inputs(graph_in, in_specs)
-            sess = ortb.session(src.path)  # type: ignore[arg-type]
-            reference = _onnx_reference(sess, in_specs, out_specs)
-        todo = plan(names, precision=precision, device=device, module=module, prune=prune, patterns=variants,
-                    transformable=src.kind == "python")
+    with _exporters_quiet():
+        res = resolve(source, weights=weights, inputs=inputs, name=name, device=device)
+        todo = plan(names, precision=precision, device=device, module=res.module, prune=prune, patterns=variants,
+                    transformable=res.source.kind == "python", source_kind=res.source.kind)
         int8_static = any(v.recipe.precision == "int8-static" for v in todo)
-        verify = verification_data(in_specs, Path(data) if data else None, calib=Path(calib) if calib else None,
+        verify = verification_data(res.inputs, Path(data) if data else None, calib=Path(calib) if calib else None,
                                    hold_out=int8_static)
-        sizes = sorted(set(batch_sizes)) if batch_dim(in_specs) else [1]
+        sizes = sorted(set(batch_sizes)) if batch_dim(res.inputs) else [1]
         left_out: dict[str, str] = {}
-        if module is not None and device == "cpu" and precision == "auto" and any(v.recipe.dtype for v in todo):
-            left_out = probe_low_precision(module, timing_inputs(in_specs, sizes[-1], verify, dim_sizes or {}))
+        if res.module is not None and device == "cpu" and precision == "auto" and any(v.recipe.dtype for v in todo):
+            left_out = probe_low_precision(res.module, timing_inputs(res.inputs, sizes[-1], verify, dim_sizes or {}))
         prog.start(sum(v.recipe.precision not in left_out for v in todo) * _STEPS)
-        prog.note(f"verifying against fp32 {'eager' if module is not None else 'onnxruntime'} on {verify.description}")
-        ref_out = [[o.numpy(force=True) for o in reference(b)] for b in verify.batches]
-        subject = Subject(src, module, in_specs, out_specs, example_inputs(in_specs), device)
+        prog.note(f"verifying against fp32 {'eager' if res.module is not None else 'onnxruntime'} on {verify.description}")
+        ref_out = [[o.numpy(force=True) for o in res.reference(b)] for b in verify.batches]
+        subject = Subject(res.source, res.module, res.inputs, res.outputs, example_inputs(res.inputs), device)
         with tempfile.TemporaryDirectory(prefix="kiln-build-") as tmp:
             candidates = [
                 Candidate(v.name, v.backend, v.recipe.precision, list(v.recipe.passes), "skipped", left_out[v.recipe.precision])
                 if v.recipe.precision in left_out else
-                _try_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out, budget, sizes,
-                             dim_sizes or {}, prog)
+                run_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out, budget, sizes,
+                            dim_sizes or {}, prog)
                 for v in todo
             ]
-            accepted = [c for c in candidates if c.status == "accepted"]
-            selected = _select(accepted, objective, sizes)
-            result = BuildResult(name, None, None, selected.variant if selected else None, objective, candidates,
-                                 in_specs, out_specs, verify.description, sizes, src.notes + subject.notes)
-            result.preprocess = preprocess
-            if selected is None:
-                prog.close()
-                return result
-            version, vdir = repository.new_version_dir(Path(repo), name)
-            for c in accepted:
-                art = repository.add_artifact(vdir, c.variant, Path(tmp) / repository.variant_dir(c.variant))
-                c.artifact = {**art, "meta": c.artifact}
-        result.version, result.path = version, vdir
-        result.manifest = _manifest(result, src, budget, device)
-        repository.write_manifest(vdir, result.manifest)
-        if report:
-            from kiln.report import from_manifest, write_html
-
-            write_html(from_manifest(result.manifest), vdir / "report.html")
+            selected = select([c for c in candidates if c.status == "accepted"], objective, sizes)
+            result = BuildResult(res.name, None, None, selected.variant if selected else None, objective, candidates,
+                                 res.inputs, res.outputs, verify.description, sizes, res.source.notes + subject.notes)
+            result.preprocess = res.preprocess
+            if selected is not None:
+                write_repository(result, Path(repo), Path(tmp), res.source, budget, device)
+    if report and result.path is not None:
+        write_report(result)
     prog.close()
     return result
 
 
-def _try_variant(variant: Variant, subject: Subject, staged: Path, verify: VerifyData,
+def check_build_device(device: str) -> None:
+    """Refuse a device this machine does not have before anything loads."""
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise KilnError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N (e.g. cuda:0)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KilnError(f"--device {device} but this machine has no CUDA GPU", hint="build with --device cpu, or on a GPU machine")
+
+
+def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[str | TensorSpec] | None = None,
+            name: str | None = None, device: str = "cpu") -> Resolved:
+    """Stage 1: parse and load the source, find its input specs, discover its outputs, make the fp32 reference."""
+    src = ModelSource.parse(source, weights=weights)
+    in_specs, toml_name, preprocess = _input_specs(src, inputs)
+    model_name = repository.check_name(name or toml_name or _default_name(src))
+    if src.kind == "onnx":
+        from kiln.backends import onnxruntime as ortb
+
+        assert src.path is not None
+        graph_in, out_specs = ortb.signature(src.path)
+        in_specs = _merge_onnx_inputs(graph_in, in_specs)
+        ref = _onnx_reference(ortb.session(src.path), in_specs, out_specs)
+        return Resolved(src, model_name, None, in_specs, out_specs, ref, preprocess)
+    module = load_module(src)
+    if not in_specs:
+        raise KilnError(f"no input spec for {src.text}",
+                        hint="give --input NAME:DTYPE[DIMS] (e.g. image:float32[batch,1,8,8]) or a kiln.toml beside the model")
+    try:
+        out_specs = discover_outputs(module, in_specs)
+    except ModuleNotFoundError as e:
+        raise KilnError(f"running the model imported {e.name!r}, which is not installed or not in the model's folder",
+                        hint="import every module at the top of the model file (kiln copies the model's folder "
+                             "modules it imports into the artifact), or install the package") from None
+    return Resolved(src, model_name, module, in_specs, out_specs, _eager_reference(module, device), preprocess)
+
+
+def select(accepted: list[Candidate], objective: Objective, sizes: list[int]) -> Candidate | None:
+    """Stage 5: the fastest accepted variant for the objective."""
+    if not accepted:
+        return None
+    if objective == "latency":
+        return min(accepted, key=lambda c: c.timing(sizes[0]).p50_ms)  # type: ignore[union-attr]
+    return max(accepted, key=lambda c: c.timing(sizes[-1]).items_per_s)  # type: ignore[union-attr]
+
+
+def write_repository(result: BuildResult, repo: Path, staged: Path, src: ModelSource, budget: Budget, device: str) -> None:
+    """Stage 6: a new version folder with every accepted variant's files and kiln.json."""
+    version, vdir = repository.new_version_dir(repo, result.name)
+    for c in result.candidates:
+        if c.status == "accepted":
+            art = repository.add_artifact(vdir, c.variant, staged / repository.variant_dir(c.variant))
+            c.artifact = {**art, "meta": c.artifact}
+    result.version, result.path = version, vdir
+    result.manifest = _manifest(result, src, budget, device)
+    repository.write_manifest(vdir, result.manifest)
+
+
+def write_report(result: BuildResult) -> Path:
+    """Stage 7: report.html beside kiln.json."""
+    from kiln.report import from_manifest, write_html
+
+    assert result.path is not None
+    out = result.path / "report.html"
+    write_html(from_manifest(result.manifest), out)
+    return out
+
+
+def run_variant(variant: Variant, subject: Subject, staged: Path, verify: VerifyData,
                  ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
-                 prog: Reporter) -> Candidate:
+                prog: Reporter) -> Candidate:
+    """Stage 4, for one variant: export into `staged`, load it back from its files, verify it, time it."""
     backend = backends.get(variant.backend)
     recipe = variant.recipe
     c = Candidate(variant.name, variant.backend, recipe.precision, list(recipe.passes))
@@ -233,16 +286,8 @@ def _try_variant(variant: Variant, subject: Subject, staged: Path, verify: Verif
         del subject.notes[before:]
         for _ in steps:  # a variant that stopped early still counts its steps as done
             prog.step(c.variant, c.status)
-    prog.note(f"{c.variant}: {c.status}{' - ' + c.reason if c.reason else ''}")
+    prog.outcome(c.variant, f"{c.status}{' - ' + c.reason if c.reason else ''}")
     return c
-
-
-def _select(accepted: list[Candidate], objective: Objective, sizes: list[int]) -> Candidate | None:
-    if not accepted:
-        return None
-    if objective == "latency":
-        return min(accepted, key=lambda c: c.timing(sizes[0]).p50_ms)  # type: ignore[union-attr]
-    return max(accepted, key=lambda c: c.timing(sizes[-1]).items_per_s)  # type: ignore[union-attr]
 
 
 def _input_specs(src: ModelSource, given: Sequence[str | TensorSpec] | None) -> tuple[list[TensorSpec], str | None, dict[str, Any]]:
@@ -269,7 +314,7 @@ def _input_specs(src: ModelSource, given: Sequence[str | TensorSpec] | None) -> 
 def _default_name(src: ModelSource) -> str:
     if src.kind == "python":
         return (src.attr or "model").lower()
-    return src.path.stem.replace(".", "-") if src.path else "model"  # type: ignore[union-attr]
+    return src.path.stem.replace(".", "-") if src.path else "model"
 
 
 def _merge_onnx_inputs(graph: list[TensorSpec], given: list[TensorSpec]) -> list[TensorSpec]:
@@ -310,7 +355,7 @@ def _manifest(r: BuildResult, src: ModelSource, budget: Budget, device: str) -> 
         "format": repository.FORMAT,
         "name": r.name,
         "version": r.version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": src.to_dict(),
         "inputs": [s.to_dict() for s in r.inputs],
         "outputs": [s.to_dict() for s in r.outputs],
@@ -356,17 +401,18 @@ def _cpu_name() -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Exporters print pages of warnings and progress; the build reports what matters itself."""
+def _exporters_quiet() -> Iterator[None]:
+    """Exporters warn and log pages of internals; during a build kiln reports what matters itself. Scoped: the
+    warning filters and these loggers' levels are restored on the way out, and stdout/stderr are left alone
+    (exporters that print are quieted where they are called)."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch._dynamo", "torch._inductor", "torch.onnx", "onnxscript", "torch.export")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        try:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
-        finally:
-            for lg, lvl in zip(loggers, levels):
-                lg.setLevel(lvl)
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)

@@ -1,0 +1,71 @@
+"""Recipe: the precision and passes that name a variant after its backend, e.g. `fp16+bnfold+channels_last`.
+
+A variant is `backend/recipe`, e.g. `aoti/int8-static`, `eager/fp16+channels_last+cudagraphs`,
+`onnxruntime/fp32+prune30`. The recipe's precision is one of PRECISIONS; its passes run in order:
+
+- `bnfold`          BatchNorm folded into the Conv/Linear before it (exact up to rounding)
+- `prune<P>`        magnitude pruning: the P% smallest weights of every Conv/Linear set to zero
+- `chprune<P>`      structured pruning: P% of the channels between two Conv/Linear layers removed
+- `channels_last`   NHWC memory format for 4-D inputs and weights
+- `cudagraphs`      CUDA graphs per batch bucket (runtime option, CUDA only)
+- `max-autotune`    torch.compile mode max-autotune (runtime option, compile backend)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
+RUNTIME_PASSES = ("cudagraphs", "max-autotune")
+_PASS = re.compile(r"^(bnfold|channels_last|cudagraphs|max-autotune|(ch)?prune([1-9][0-9]?))$")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    precision: str = "fp32"
+    passes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise KilnError(f"unknown precision {self.precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+        bad = [p for p in self.passes if not _PASS.match(p)]
+        if bad:
+            raise KilnError(f"unknown transform {bad[0]!r}", hint="see `kiln build --help` for the passes")
+
+    @property
+    def tag(self) -> str:
+        return "+".join((self.precision, *self.passes))
+
+    @classmethod
+    def parse(cls, tag: str) -> Recipe:
+        precision, *passes = tag.split("+")
+        return cls(precision, tuple(passes))
+
+    def has(self, name: str) -> bool:
+        return name in self.passes
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The torch dtype the model runs in, for fp16/bf16 (None otherwise)."""
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the recipe changes the numbers beyond rounding: low precision or pruning."""
+        return self.precision != "fp32" or self.prune() is not None
+
+    def prune(self) -> tuple[str, float] | None:
+        for p in self.passes:
+            m = _PASS.match(p)
+            if m and m.group(3):
+                return ("structured" if m.group(2) else "magnitude", int(m.group(3)) / 100)
+        return None
