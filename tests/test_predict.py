@@ -39,6 +39,25 @@ def test_npz_equals_per_item_eager(digits_repo: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "p.npz.parts").exists()
 
 
+def test_corrupt_npz_files_are_skipped_and_listed(digits_repo: Path, tmp_path: Path) -> None:
+    """A truncated archive and one with a flipped byte inside a member (bad CRC) are listed, the rest is written."""
+    x = np.load(DIGITS / "test.npz")["image"][:10]
+    good = tmp_path / "good.npz"
+    np.savez(good, image=x)
+    raw = good.read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    flipped = bytearray(raw)
+    flipped[len(raw) // 3] ^= 0xFF  # inside the stored array: the zip's CRC check fails on read
+    (tmp_path / "badcrc.npz").write_bytes(bytes(flipped))
+    s = predict(digits_repo, [good, tmp_path / "truncated.npz", tmp_path / "badcrc.npz"], tmp_path / "p.npz",
+                on_error="skip", progress=False)
+    assert (s.items, s.written) == (10, 10)
+    assert sorted(Path(f).name for f, _ in s.skipped) == ["badcrc.npz", "truncated.npz"]
+    assert all("cannot read" in e for _, e in s.skipped)
+    with pytest.raises(kiln.KilnError, match="truncated.npz"):
+        predict(digits_repo, [good, tmp_path / "truncated.npz"], tmp_path / "q.npz", on_error="stop", progress=False)
+
+
 def test_image_folder_with_bad_files(digits_repo: Path, tmp_path: Path) -> None:
     x = np.load(DIGITS / "test.npz")["image"][:12]
     folder = tmp_path / "imgs"

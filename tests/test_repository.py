@@ -86,6 +86,39 @@ def test_missing_and_extra_files_are_refused(copy: Path) -> None:
         kiln.load(str(copy), variant="eager/fp32")
 
 
+def _edit_entry(copy: Path, variant: str, change: Callable[[dict], None]) -> None:  # type: ignore[type-arg]
+    path = copy / "kiln.json"
+    m = json.loads(path.read_text())
+    change(next(c for c in m["candidates"] if c["variant"] == variant))
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c["artifact"].update(dir="../../outside"), "not a relative path inside its version folder"),
+    (lambda c: c["artifact"].update(dir="/etc"), "not a relative path inside its version folder"),
+    (lambda c: c["artifact"]["meta"].update(file="../../../outside.onnx"), "not among its hashed files"),
+    (lambda c: c["artifact"]["files"].update({"../../kiln.json": "0" * 64}), "not a relative path inside"),
+])
+def test_manifest_paths_are_confined_to_the_version_folder(copy: Path, change: Callable[[dict], None],  # type: ignore[type-arg]
+                                                           message: str) -> None:
+    """A path in kiln.json that leaves the version folder is refused before anything is read or hashed there."""
+    outside = copy.parent.parent / "outside.onnx"
+    shutil.copyfile(next(copy.glob("variants/onnxruntime-fp32/model.onnx")), outside)
+    _edit_entry(copy, "onnxruntime/fp32", change)
+    with pytest.raises(kiln.KilnError, match=message) as e:
+        kiln.load(str(copy), variant="onnxruntime/fp32")
+    assert "/etc/" not in str(e.value) and "passwd" not in str(e.value)
+
+
+def test_a_symlink_out_of_the_artifact_is_refused(copy: Path, tmp_path: Path) -> None:
+    art = next(copy.glob("variants/onnxruntime-fp32"))
+    real = tmp_path / "elsewhere.onnx"
+    shutil.move(art / "model.onnx", real)
+    (art / "model.onnx").symlink_to(real)
+    with pytest.raises(kiln.KilnError, match="outside its version folder|artifact file missing"):
+        kiln.load(str(copy), variant="onnxruntime/fp32")
+
+
 def test_incompatible_library_version_is_refused(copy: Path) -> None:
     path = copy / "kiln.json"
     m = json.loads(path.read_text())

@@ -10,14 +10,15 @@ import numpy as np
 import tritonclient.http as triton
 
 
-def wait_ready(url: str, proc: subprocess.Popen[str] | None = None, *, timeout_s: float = 150) -> None:
-    """Poll /v2/health/ready until 200; fail early if the server process died."""
+def wait_ready(url: str, proc: subprocess.Popen[str] | None = None, *, timeout_s: float = 150,
+               path: str = "/v2/health/ready") -> None:
+    """Poll /v2/health/ready (or `path`) until 200; fail early if the server process died."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the server exited with {proc.returncode}: {proc.communicate()[1][-3000:]}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass

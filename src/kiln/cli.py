@@ -115,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
                    help="require Authorization: Bearer KEY on all but health (default: $KILN_API_KEY)")
     s.add_argument("--max-body-mb", type=float, default=64, help="largest request body (default: 64 MB)")
-    s.add_argument("--grace-s", type=float, default=30, help="on SIGTERM/SIGINT, time to finish in-flight requests")
+    s.add_argument("--grace-s", type=float, default=30,
+                   help="on SIGTERM/SIGINT: queued requests that can start within this many seconds run, the rest get "
+                        "503 with Retry-After; running batches finish; the process exits 0 (default: 30)")
+    s.add_argument("--header-timeout-s", type=float, default=10,
+                   help="close a connection that has not sent a complete request head within this time (default: 10)")
     s.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
     s.add_argument("--log-json", action="store_true", help="access log as JSON lines (implies --access-log)")
     s.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
@@ -261,6 +265,21 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_serve_device(device: str) -> None:
+    """--device is checked before anything loads: a name kiln knows, and a GPU that is there."""
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise KilnError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N (e.g. --device cuda:0)")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KilnError(f"--device {device} but this machine has no CUDA GPU", hint="serve with --device cpu")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise KilnError(f"--device {device} but this machine has {torch.cuda.device_count()} GPU(s)",
+                            hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -286,6 +305,8 @@ def _serve(args: argparse.Namespace) -> int:
                    gpus_per_replica=args.gpus_per_replica, api_key=args.api_key,
                    max_body_bytes=int(args.max_body_mb * (1 << 20)))
         return 0
+    for device in args.devices or []:
+        check_serve_device(device)
     plane = DataPlane(Path(args.repo), overrides=overrides, only=args.models.split(",") if args.models else None,
                       drain_s=args.grace_s)
     names = plane.available()
@@ -299,10 +320,11 @@ def _serve(args: argparse.Namespace) -> int:
                      access_log=args.access_log or args.log_json, log_json=args.log_json)
     print(f"kiln serve: {', '.join(names)} on http://{args.host}:{args.port} (ready at /v2/health/ready once warm)",
           file=sys.stderr, flush=True)
-    run(app, host=args.host, port=args.port, grace_s=args.grace_s)
+    code = run(app, host=args.host, port=args.port, grace_s=args.grace_s, plane=plane,
+               header_timeout_s=args.header_timeout_s)
     for name, err in plane.errors.items():
         print(f"model {name} failed to load: {err}", file=sys.stderr)
-    return 0
+    return code
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -134,8 +134,11 @@ def read_arrays(path: Path, specs: list[TensorSpec], kind: str) -> list[np.ndarr
                     raise KilnError(f"{path} lacks arrays {missing} (it has {sorted(z.files)})",
                                     hint="key each array by its input name: numpy.savez(path, image=...)")
                 arrays = [z[s.name] for s in specs]
-    except (OSError, ValueError) as e:
-        raise KilnError(f"cannot read {path}: {e}", hint="check that the file is a valid .npy/.npz/.parquet/.csv") from None
+    except KilnError:
+        raise
+    except Exception as e:  # a damaged file raises anything (BadZipFile, zlib.error, EOFError, ArrowInvalid): unreadable
+        raise KilnError(f"cannot read {path}: {type(e).__name__}: {e}",
+                        hint="check that the file is a valid .npy/.npz/.parquet/.csv") from None
     for spec, a in zip(specs, arrays):
         if not spec.matches(a.shape):
             raise KilnError(f"{path}: array {spec.name!r} has shape {list(a.shape)}, the model takes "

@@ -20,9 +20,15 @@ FORMAT = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
+MAX_NAME = 128
+
+
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
-        raise KilnError(f"invalid model name {name!r}", hint="use letters, digits, '_', '-' and '.'")
+    """A model name is one safe path component: letters, digits, '_', '-', '.', not starting with '.', <= 128."""
+    if len(name) > MAX_NAME or not _NAME_RE.match(name):
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise KilnError(f"invalid model name {shown!r}",
+                        hint=f"use up to {MAX_NAME} letters, digits, '_', '-' and '.', starting with a letter or digit")
     return name
 
 
@@ -102,22 +108,50 @@ def candidate(manifest: dict[str, Any], variant: str | None = None) -> dict[str,
     raise KilnError(f"no variant {want!r} in this model", hint=f"accepted variants: {', '.join(accepted)}")
 
 
+def _inside(base: Path, rel: object, what: str) -> Path:
+    """`base / rel`, refused unless it stays inside `base` (no absolute paths, no '..', no symlink out)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise KilnError(f"{MANIFEST} names {what} {rel!r}, which is not a relative path inside its version folder",
+                        hint="the manifest was edited or is corrupt; rebuild the model")
+    path = base / rel
+    try:
+        path.resolve().relative_to(base.resolve())
+    except ValueError:
+        raise KilnError(f"{what} {rel!r} resolves outside its version folder", hint="remove the symlink or rebuild") from None
+    return path
+
+
 def verify_artifact(version_dir: Path, entry: dict[str, Any]) -> Path:
-    """Refuse an artifact whose files were changed, removed or added since the build."""
-    art = entry["artifact"]
-    directory = version_dir / art["dir"]
+    """Refuse an artifact whose files were changed, removed or added since the build, or whose manifest points
+    outside its version folder. Every path a backend may open is one of the hashed files."""
+    art = entry.get("artifact")
+    if not isinstance(art, dict) or not isinstance(art.get("files"), dict):
+        raise KilnError(f"{MANIFEST} has no artifact for {entry.get('variant')}", hint="rebuild the model")
+    directory = _inside(version_dir, art.get("dir"), "artifact folder")
+    if not directory.is_dir():
+        raise KilnError(f"artifact folder missing: {art['dir']}", hint="the model folder is incomplete; copy it again or rebuild")
     expected: dict[str, str] = art["files"]
     for name, digest in expected.items():
-        f = directory / name
-        if not f.is_file():
-            raise KilnError(f"artifact file missing: {f}", hint="the model folder is incomplete; copy it again or rebuild")
+        f = _inside(directory, name, "artifact file")
+        if f.is_symlink() or not f.is_file():
+            raise KilnError(f"artifact file missing: {art['dir']}/{name}",
+                            hint="the model folder is incomplete; copy it again or rebuild")
         if sha256_file(f) != digest:
-            raise KilnError(f"artifact {f} does not match its sha256 in {MANIFEST}: it was modified after the build",
-                            hint="restore the original file or rebuild the model; kiln will not load a tampered artifact")
-    extra = sorted(set(hash_dir(directory)) - set(expected))
+            raise KilnError(f"artifact {art['dir']}/{name} does not match its sha256 in {MANIFEST}: it was modified after "
+                            "the build", hint="restore the original file or rebuild the model; kiln will not load a "
+                            "tampered artifact")
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
+    extra = sorted(present - set(expected))
     if extra:
-        raise KilnError(f"unexpected files in artifact {directory}: {', '.join(extra)}",
+        raise KilnError(f"unexpected files in artifact {art['dir']}: {', '.join(extra[:10])}",
                         hint="remove them or rebuild the model")
+    meta = art.get("meta") or {}
+    named = [meta.get("file")] if meta.get("file") is not None else []
+    named += list(meta.get("code") or [])
+    for rel in named:  # a backend opens only files that are listed, and therefore hashed
+        if rel not in expected:
+            raise KilnError(f"the artifact's meta names {rel!r}, which is not among its hashed files",
+                            hint="the manifest was edited; rebuild the model")
     return directory
 
 

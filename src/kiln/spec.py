@@ -44,8 +44,10 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[Dim, ...]
-    # Inclusive value range used to generate synthetic integer inputs (token ids, masks).
+    # Inclusive value range of integer inputs (token ids, masks): synthetic data follows it, the server enforces it.
     value_range: tuple[int, int] | None = field(default=None, compare=False)
+    # The largest size a dynamic dim may take (`seq<=512`: a model's position table), enforced by the server.
+    dim_max: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -63,9 +65,18 @@ class TensorSpec:
                 f"cannot parse input spec {text!r}",
                 hint="write NAME:DTYPE[DIMS], e.g. image:float32[batch,1,8,8] or ids:int64[batch,seq]@0..999",
             )
-        dims = tuple(_parse_dim(d, text) for d in m["dims"].split(",") if d.strip()) if m["dims"].strip() else ()
+        raw = [d.strip() for d in m["dims"].split(",") if d.strip()]
+        limits = []
+        for k, d in enumerate(raw):
+            name, sep, most = d.partition("<=")
+            if sep:
+                if not most.strip().isdigit() or int(most) < 1:
+                    raise KilnError(f"bad dim limit {d!r} in {text!r}", hint="write NAME<=N, e.g. seq<=512")
+                limits.append((name.strip(), int(most)))
+                raw[k] = name
+        dims = tuple(_parse_dim(d, text) for d in raw)
         rng = (int(m["lo"]), int(m["hi"])) if m["lo"] is not None else None
-        return cls(m["name"], m["dtype"], dims, rng)
+        return cls(m["name"], m["dtype"], dims, rng, tuple(limits))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -75,8 +86,13 @@ class TensorSpec:
     def dynamic_dims(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
+    @property
+    def limits(self) -> dict[str, int]:
+        return dict(self.dim_max)
+
     def __str__(self) -> str:
-        dims = ",".join(str(d) for d in self.shape)
+        most = self.limits
+        dims = ",".join(f"{d}<={most[d]}" if isinstance(d, str) and d in most else str(d) for d in self.shape)
         rng = f"@{self.value_range[0]}..{self.value_range[1]}" if self.value_range else ""
         return f"{self.name}:{self.dtype}[{dims}]{rng}"
 
@@ -92,13 +108,17 @@ class TensorSpec:
         d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
         if self.value_range is not None:
             d["range"] = list(self.value_range)
+        if self.dim_max:
+            d["max"] = dict(self.dim_max)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         try:
             rng = d.get("range")
-            return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), tuple(rng) if rng else None)
+            most = d.get("max") or {}
+            return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), (int(rng[0]), int(rng[1])) if rng else None,
+                       tuple((str(k), int(v)) for k, v in most.items()))
         except (KeyError, TypeError) as e:
             raise KilnError(
                 f"invalid tensor spec {d!r}: {e}",

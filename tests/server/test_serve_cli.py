@@ -33,8 +33,12 @@ def test_sigterm_drains_in_flight_requests(serve_repo: Path) -> None:
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(call, i) for i in range(4)]  # 4 x 300 ms, one at a time
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while "kiln_in_flight{" not in (m := httpx.get(f"{url}/metrics", timeout=5).text) or \
+                    _value(m, "kiln_in_flight", "slow") < 4:
+                assert time.monotonic() < deadline, "the requests never arrived"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)  # all four are in: each finishes within the 20 s grace period
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 4
         assert all(r.json()["outputs"][0]["data"] == [2, 3, 4, 5] for r in responses)
@@ -48,6 +52,13 @@ def test_sigterm_drains_in_flight_requests(serve_repo: Path) -> None:
     infer = [ln for ln in lines if ln["path"] == "/v2/models/slow/infer"]
     assert len(infer) == 4 and all(ln["status"] == 200 and ln["ms"] > 0 for ln in infer)
     assert np.isfinite([ln["ms"] for ln in lines]).all()
+
+
+def _value(metrics: str, name: str, model: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_serve_refuses_unknown_models_and_missing_repos(serve_repo: Path, tmp_path: Path) -> None:

@@ -14,11 +14,13 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.server.codec import HEADER_LENGTH, BadRequest
-from kiln.server.dataplane import DataPlane
+from kiln.server.dataplane import DataPlane, internal_error
 
 log = logging.getLogger("kiln.access")
 _INFER_BODY = {"requestBody": {"required": True, "content": {
@@ -39,9 +41,16 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
 
 
+def _error_body(e: BadRequest) -> bytes:
+    doc: dict[str, Any] = {"error": str(e)}
+    if e.request_id:
+        doc["request_id"] = e.request_id
+    return orjson.dumps(doc)
+
+
 def _error(e: BadRequest) -> Response:
     headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-    return Response(orjson.dumps({"error": str(e)}), status_code=e.status, media_type="application/json", headers=headers)
+    return Response(_error_body(e), status_code=e.status, media_type="application/json", headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -75,13 +84,31 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
             await task
         await plane.stop()
 
-    app = FastAPI(title="kiln", version=plane.server_metadata()["version"], lifespan=lifespan,
-                  description="KServe v2 / Open Inference Protocol server for models built by `kiln build`.")
+    app = FastAPI(title="kiln", version=plane.server_metadata()["version"], lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="KServe v2 / Open Inference Protocol server for models built by `kiln build`.")
     app.state.plane = plane
+    _offline_docs(app)
 
     @app.exception_handler(BadRequest)
     async def _bad(_: Request, e: BadRequest) -> Response:
         return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(BadRequest(f"invalid request: {where}: {first.get('msg', 'bad value')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> Response:
+        text = f"no endpoint {request.method} {request.url.path}; the API is listed at /docs" if e.status_code == 404 \
+            else f"{e.detail}"
+        return Response(orjson.dumps({"error": text}), status_code=e.status_code, media_type="application/json",
+                        headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _fault(_: Request, e: Exception) -> Response:
+        return _error(internal_error(e))
 
     @app.get("/v2/health/live", tags=["health"])
     async def live() -> Response:
@@ -90,7 +117,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
     @app.get("/v2/health/ready", tags=["health"])
     async def ready() -> Response:
         ok = plane.ready()
-        return _json({"ready": ok}, 200 if ok else 503)
+        return _json({"ready": ok} if ok else {"ready": False, "reasons": plane.not_ready_reasons()}, 200 if ok else 503)
 
     @app.get("/v2", tags=["metadata"])
     async def server_metadata() -> Response:
@@ -174,6 +201,26 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
     return wrapped  # type: ignore[return-value]
 
 
+def _offline_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's assets served from the swagger-ui-bundle package, not a CDN: it works offline."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # the page then says where its assets would come from
+        swagger_ui_path = None
+    if swagger_ui_path is not None:
+        app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="kiln - API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
 class FastInfer:
     """The hot path: `POST /v2/models/{m}[/versions/{v}]/infer` straight to the data plane, without
     FastAPI's middleware and routing layers (measured: about a fifth of a tiny model's request cost).
@@ -206,7 +253,10 @@ class FastInfer:
                                                      timeout.decode("latin-1") if timeout else None)
         except BadRequest as e:
             extra = [(b"retry-after", b"1")] if e.status in (429, 503) else []
-            await _send(send, e.status, orjson.dumps({"error": str(e)}), b"application/json", extra)
+            await _send(send, e.status, _error_body(e), b"application/json", extra)
+            return
+        except Exception as e:  # a bug, not the client's fault: 500 with a request id, details in the log
+            await _send(send, 500, _error_body(internal_error(e)), b"application/json", [])
             return
         if header_len is None:
             await _send(send, 200, out, b"application/json", [])
@@ -247,12 +297,13 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith("/v2/health/"):
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # RFC 7235: the scheme is case-insensitive; the token is compared in constant time
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
                 body = b'{"error":"missing or wrong API key; send the header Authorization: Bearer <key>"}'
                 await send({"type": "http.response.start", "status": 401, "headers": [
                     (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),

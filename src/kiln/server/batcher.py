@@ -78,6 +78,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._drain_deadline: float | None = None
         self._running = 0
         self._outstanding = 0  # submitted, not yet answered
         self._peak = [0, 0]  # peak outstanding in the previous and the current 100 ms
@@ -111,6 +112,28 @@ class Batcher:
                 item.future.set_exception(Closed("the server is shutting down"))
         self._queue.clear()
         self._tasks = []
+
+    def drain(self, deadline: float) -> None:
+        """Take no new requests; run queued ones that can start before `deadline` (time.monotonic()), answer the rest
+        with Closed (503, retry elsewhere). Running batches finish."""
+        self._closing = True
+        self._drain_deadline = deadline
+        if self._wakeup is not None:
+            self._wakeup.set()
+        loop = asyncio.get_running_loop()
+        loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), self._refuse_queued)
+
+    def _refuse_queued(self) -> None:
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(Closed("the server is shutting down and could not run this request in time; "
+                                                 "retry against another replica"))
+        self._queue.clear()
+
+    async def idle(self) -> None:
+        """Return once nothing is queued or running (used while draining; polls, it is not on the request path)."""
+        while self._queue or self._running:
+            await asyncio.sleep(0.005)
 
     async def submit(self, payload: Any, *, rows: int = 1, key: Hashable = None, timeout_s: float | None = None) -> Any:
         """Queue one request of `rows` rows; items merge only with items of the same `key`."""

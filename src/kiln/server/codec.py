@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+        self.request_id: str | None = None
 
 
 @dataclass
@@ -86,6 +88,12 @@ def decode_request(doc: dict[str, Any], tail: memoryview, inputs: list[TensorSpe
         _check_shape(spec, a.shape, sizes)
         if not allow_nonfinite and a.dtype.kind == "f" and not np.isfinite(a).all():
             raise BadRequest(f'input "{spec.name}" contains NaN or infinity; send finite values')
+        if spec.value_range is not None and a.size:
+            lo, hi = spec.value_range
+            got_lo, got_hi = a.min(), a.max()
+            if got_lo < lo or got_hi > hi:
+                raise BadRequest(f'input "{spec.name}" holds values {got_lo}..{got_hi}, the model takes {lo}..{hi} '
+                                 f"(recorded at build); map unknown ids into that range")
         arrays.append(a)
     if offset != len(tail):
         raise BadRequest(f"{len(tail) - offset} bytes of binary data are not claimed by any input's binary_data_size")
@@ -106,6 +114,8 @@ def decode_request(doc: dict[str, Any], tail: memoryview, inputs: list[TensorSpe
                 raise BadRequest(f"unknown output {o.get('name') if isinstance(o, dict) else o!r}; the model has {out_names}")
             selected.append(o["name"])
             p = o.get("parameters") or {}
+            if not isinstance(p, dict):
+                raise BadRequest(f'output "{o["name"]}": "parameters" must be an object, e.g. {{"binary_data": true}}')
             if p.get("binary_data") is True:
                 binary.add(o["name"])
             elif p.get("binary_data") is False:
@@ -123,7 +133,7 @@ def _decode_tensor(t: dict[str, Any], spec: TensorSpec, tail: memoryview, offset
     shape = t.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f'input "{spec.name}" needs "shape": a list of non-negative integers, got {shape!r}')
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: a product of huge dims cannot wrap around as int64 would
     params = t.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     np_dtype = np.dtype("<u2") if want == "BF16" else np.dtype(NUMPY[want]).newbyteorder("<")
@@ -158,9 +168,13 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...], sizes: dict[str, int]
     if not spec.matches(shape):
         hint = "add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape"
         raise BadRequest(f'expected input "{spec.name}" {expect}, got shape {list(shape)}: {hint}')
+    limits = spec.limits
     for i, d in spec.dynamic_dims.items():
         if shape[i] == 0:
             raise BadRequest(f'input "{spec.name}" has an empty {d!r} dimension; send at least one item')
+        if d in limits and shape[i] > limits[d]:
+            raise BadRequest(f'input "{spec.name}": {d!r} is {shape[i]}, the model supports at most {limits[d]}; '
+                             "truncate or split the input")
         if sizes.setdefault(d, shape[i]) != shape[i]:
             raise BadRequest(f'dim {d!r} is {sizes[d]} in an earlier input but {shape[i]} in "{spec.name}"; inputs sharing a dim must agree')
 

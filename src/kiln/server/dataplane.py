@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from kiln.server.config import load_config
 from kiln.server.metrics import Metrics
 from kiln.server.model import ServedModel
 
+log = logging.getLogger("kiln.server")
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration", "schedule_policy"]
 
 
@@ -49,6 +52,8 @@ class DataPlane:
         self.models: dict[str, ServedModel] = {}
         self.errors: dict[str, str] = {}
         self.loading: set[str] = set()
+        self.draining = False
+        self.fatal: str | None = None  # set when no model could be loaded at start: `kiln serve` exits 1 with it
         # Builds the object that runs a model: ServedModel here; kiln.ray.serve puts remote replicas behind it.
         self.model_factory = model_factory or ServedModel
 
@@ -64,9 +69,11 @@ class DataPlane:
                 print(f"kiln serve: {name} version {m.version} ({m.variant}, {m.describe()}) ready", file=sys.stderr, flush=True)
             except KilnError as e:  # recorded in self.errors; the index and readiness report it
                 print(f"kiln serve: {name} failed to load: {e.message}", file=sys.stderr, flush=True)
+        if not self.models and self.errors:
+            self.fatal = "no model could be loaded: " + "; ".join(f"{n}: {e}" for n, e in self.errors.items())
 
     async def load(self, name: str) -> ServedModel:
-        model_dir = self.repo / name
+        model_dir = self.repo / _url_name(name)
         if not repository.versions(model_dir):
             raise NotFound(f"no model {name!r} in {self.repo}; the repository has {self.available()}")
         self.loading.add(name)
@@ -91,13 +98,25 @@ class DataPlane:
         return served
 
     async def unload(self, name: str) -> None:
-        served = self.models.pop(name, None)
+        served = self.models.pop(_url_name(name), None)
         if served is None:
             raise NotFound(f"model {name!r} is not loaded")
         await served.stop(drain_s=self.drain_s)
 
     async def stop(self) -> None:
         await asyncio.gather(*(m.stop(drain_s=self.drain_s) for m in self.models.values()))
+
+    def begin_drain(self, deadline: float) -> None:
+        """SIGTERM: from now on new requests get 503 with Retry-After and readiness says 503; queued requests run
+        while they can start before `deadline` (time.monotonic()), the rest are answered 503; running batches finish."""
+        self.draining = True
+        for m in self.models.values():
+            if m.batcher is not None:
+                m.batcher.drain(deadline)
+
+    async def drained(self) -> None:
+        """Wait until every model's queue is empty and no batch is running."""
+        await asyncio.gather(*(m.batcher.idle() for m in self.models.values() if m.batcher is not None))
 
     def index(self) -> list[dict[str, Any]]:
         out = []
@@ -113,7 +132,16 @@ class DataPlane:
 
     # -- health and metadata ----------------------------------------------------------------------
     def ready(self) -> bool:
-        return not self.loading and all(n in self.models for n in self.available() if n not in self.errors)
+        """Every configured model loaded and warm (a model that failed to load makes the server not ready)."""
+        return not self.draining and not self.loading and all(n in self.models for n in self.available())
+
+    def not_ready_reasons(self) -> dict[str, str]:
+        if self.draining:
+            return {"server": "shutting down"}
+        out = {n: "loading" for n in self.loading}
+        out.update({n: f"failed to load: {e}" for n, e in self.errors.items()})
+        out.update({n: "not loaded" for n in self.available() if n not in self.models and n not in out})
+        return out
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         m = self.models.get(name)
@@ -189,6 +217,7 @@ class DataPlane:
                     timeout_ms: str | None = None) -> tuple[bytes, int | None]:
         """One V2 request body (JSON, or JSON + binary tensors) -> the response body and its header length."""
         m = self.get(name, version)
+        self.admit(m)
 
         async def work() -> tuple[bytes, int | None]:
             doc, tail = split_body(body, header_length)
@@ -199,6 +228,17 @@ class DataPlane:
 
         return await self._observed(m, work)
 
+    def admit(self, m: ServedModel) -> None:
+        """Refuse before decoding anything when the request cannot be queued: a full queue costs no JSON parsing."""
+        if self.draining:
+            raise BadRequest("the server is shutting down; retry against another replica", status=503)
+        b = m.batcher
+        if b is not None and b.queue_depth >= b.max_queue_size:
+            self.metrics.request_failure.labels(m.name, m.version, "queue_full").inc()
+            self.metrics.rejections.labels(m.name, m.version, "queue_full").inc()
+            m.stats.fail_count += 1
+            raise BadRequest(f"queue full ({b.max_queue_size} requests waiting); retry after a short wait", status=429)
+
     async def _run(self, m: ServedModel, doc: dict[str, Any], tail: memoryview,
                    timeout_ms: str | None) -> tuple[Decoded, list[np.ndarray]]:
         """Validate a decoded V2 request against the model's specs, then run it through the batcher."""
@@ -206,7 +246,7 @@ class DataPlane:
         if m.batched and req.rows > m.config.max_batch_size:
             raise BadRequest(f"the request has {req.rows} rows, more than max_batch_size {m.config.max_batch_size}; "
                              "split it, or raise max_batch_size in config.toml")
-        return req, await m.infer(req, timeout_s=_timeout(timeout_ms, req.parameters))
+        return req, await m.infer(req, timeout_s=_timeout(timeout_ms, req.parameters, m.config.timeout_ms))
 
     async def _observed(self, m: ServedModel, work: Any) -> Any:
         """Run one request's work with its statistics and metrics; map failures to HTTP errors."""
@@ -258,7 +298,9 @@ class DataPlane:
         return {"predictions": [{s.name: o[i].tolist() for s, o in zip(m.outputs, outs)} for i in range(len(instances))]}
 
 
-def _timeout(header: str | None, params: dict[str, Any]) -> float | None:
+def _timeout(header: str | None, params: dict[str, Any], limit_ms: float) -> float | None:
+    """The client's deadline (kiln-timeout-ms header or timeout_ms parameter): it may ask for less than the model's
+    timeout_ms, never for more."""
     value = header if header is not None else params.get("timeout_ms")
     if value is None:
         return None
@@ -266,9 +308,17 @@ def _timeout(header: str | None, params: dict[str, Any]) -> float | None:
         t = float(value)
     except (TypeError, ValueError):
         raise BadRequest(f"timeout must be a number of milliseconds, got {value!r}") from None
-    if not t > 0:
-        raise BadRequest("timeout must be positive")
-    return t / 1e3
+    if not 0 < t < float("inf"):
+        raise BadRequest(f"timeout must be a positive number of milliseconds, got {value!r}")
+    return min(t, limit_ms) / 1e3
+
+
+def _url_name(name: str) -> str:
+    """A model name from a URL passes the same check as the CLI's (no '..', no '/', no over-long names)."""
+    try:
+        return repository.check_name(name)
+    except KilnError as e:
+        raise BadRequest(f"{e.message}; {e.hint}") from None
 
 
 def _classify(e: BaseException) -> tuple[str, BadRequest | None]:
@@ -284,4 +334,14 @@ def _classify(e: BaseException) -> tuple[str, BadRequest | None]:
         return "bad_request", BadRequest(e.message + (f"; {e.hint}" if e.hint else ""))
     if isinstance(e, asyncio.CancelledError):
         return "cancelled", None
-    return "model_error", BadRequest(f"inference failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", status=500)
+    return "model_error", internal_error(e)
+
+
+def internal_error(e: BaseException) -> BadRequest:
+    """A genuine server fault: 500 with a request id; the exception itself goes to the log, not to the client."""
+    rid = uuid.uuid4().hex[:12]
+    log.error("request %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
+    err = BadRequest(f"internal error while running the model (request id {rid}); the server log has the details",
+                     status=500)
+    err.request_id = rid
+    return err

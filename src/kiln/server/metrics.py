@@ -30,6 +30,7 @@ class Metrics:
         self.batch_size = Histogram("kiln_batch_size", "Rows per execution", _LABELS,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.queue_depth = Gauge("kiln_queue_depth", "Requests waiting for a batch", _LABELS, registry=r)
+        self.in_flight = Gauge("kiln_in_flight", "Requests queued or running", _LABELS, registry=r)
         self.rejections = Counter("kiln_rejections", "Requests refused before running (queue full, expired, shutting down)",
                                   (*_LABELS, "reason"), registry=r)
 
@@ -37,6 +38,8 @@ class Metrics:
         """Start exporting a served model's queue depth."""
         self.queue_depth.labels(model.name, model.version).set_function(
             lambda: model.batcher.queue_depth if model.batcher is not None else 0)
+        self.in_flight.labels(model.name, model.version).set_function(
+            lambda: model.batcher.in_flight if model.batcher is not None else 0)
 
     def observe_batch(self, model: Any, info: BatchInfo) -> None:
         labels = (model.name, model.version)

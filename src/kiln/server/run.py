@@ -1,15 +1,70 @@
-"""Run the app under uvicorn: SIGTERM/SIGINT stop accepting, finish in-flight requests, exit 0."""
+"""Run the app under uvicorn, with the promises `kiln serve` makes about connections and shutdown.
+
+On SIGTERM/SIGINT: stop accepting connections, answer every queued request (run it if it can start within
+`grace_s`, else 503 with Retry-After), finish running batches, then close connections and exit 0 within
+`grace_s` plus a small constant. A second SIGINT stops at once. A connection that has not sent a complete request
+head within `header_timeout_s` is closed (slow or idle clients cannot hold sockets forever).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
+import sys
+import time
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from kiln.server.dataplane import DataPlane
+
+# What the process may take beyond --grace-s: closing connections and the lifespan shutdown.
+EXIT_MARGIN_S = 2.0
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus a deadline for each request head: a connection that sends nothing, or
+    never finishes its headers, is closed after `header_timeout_s` (uvicorn times out only idle keep-alives)."""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout_s, self._head_late)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if getattr(self, "_head_timer", None) is None:  # the next request on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+
+    def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_head_timer", None) is not None:
+            self._head_timer.cancel()  # type: ignore[union-attr]
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # no request in progress: only a head that never came
+            self.transport.close()
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, plane: DataPlane | None, grace_s: float) -> None:
+        super().__init__(config)
+        self.plane = plane
+        self.grace_s = grace_s
+        self.exit_code = 0
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # uvicorn re-raises the signal after shutting down, so the process dies by it (-15). A graceful
         # drain is a clean exit: a second SIGINT still forces an immediate stop.
@@ -18,9 +73,32 @@ class _Server(uvicorn.Server):
         else:
             self.should_exit = True
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.plane is not None and self.plane.fatal:
+            print(f"kiln serve: {self.plane.fatal}", file=sys.stderr, flush=True)
+            self.exit_code = 1
+            return True
+        return await super().on_tick(counter)
 
-def run(app: Any, *, host: str, port: int, grace_s: float) -> None:
-    """Serve until a signal; in-flight requests get `grace_s` seconds to finish."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=max(1, int(grace_s)), lifespan="on")
-    _Server(config).run()
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting first
+            server.close()
+        if self.plane is not None and not self.force_exit:
+            self.plane.begin_drain(time.monotonic() + self.grace_s)
+            try:
+                await asyncio.wait_for(self.plane.drained(), self.grace_s + EXIT_MARGIN_S / 2)
+            except TimeoutError:
+                pass  # a batch still running past the grace period: uvicorn's own timeout below ends it
+        await super().shutdown(sockets)
+
+
+def run(app: Any, *, host: str, port: int, grace_s: float, plane: DataPlane | None = None,
+        header_timeout_s: float = 10.0) -> int:
+    """Serve until a signal; returns the exit code (0 after a drain, 1 when no model could be loaded)."""
+    protocol = type("KilnHttp", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http=protocol,
+                            timeout_graceful_shutdown=max(1, int(EXIT_MARGIN_S / 2)), lifespan="on",
+                            timeout_keep_alive=5)
+    server = _Server(config, plane, grace_s)
+    server.run()
+    return server.exit_code
