@@ -27,6 +27,14 @@ def wait_ready(url: str, proc: subprocess.Popen[str] | None = None, *, timeout_s
         time.sleep(0.1)
 
 
+def gauge(url: str, metric: str, model: str) -> float:
+    """One model's value of a Prometheus gauge from /metrics (0 when absent): tests wait on these, not on sleeps."""
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(metric + "{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def check_two(url: str) -> tuple[triton.InferenceServerClient, np.ndarray, np.ndarray, np.ndarray]:
     """tritonclient against the two-input, two-output model: readiness, metadata, config, JSON and binary
     inference agreeing. Returns the client, the inputs and the score output for further checks."""

@@ -17,7 +17,7 @@ import kiln
 from kiln.server.app import create_app
 from kiln.server.dataplane import DataPlane
 from support import DIGITS
-from v2client import check_two
+from v2client import check_two, gauge
 
 from .conftest import ServerThread
 
@@ -149,7 +149,7 @@ def test_overload_and_timeouts(server: ServerThread) -> None:
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(call)
         deadline = time.monotonic() + 10
-        while not (_gauge(server.url, "kiln_in_flight", "slow") == 1 and _gauge(server.url, "kiln_queue_depth", "slow") == 0):
+        while not (gauge(server.url, "kiln_in_flight", "slow") == 1 and gauge(server.url, "kiln_queue_depth", "slow") == 0):
             assert time.monotonic() < deadline, "the busy request never started"
             time.sleep(0.005)
         late = call(timeout_ms=50)  # "busy" is running: this one waits in the queue and expires there
@@ -159,12 +159,6 @@ def test_overload_and_timeouts(server: ServerThread) -> None:
     stats = httpx.get(f"{server.url}/v2/models/slow/stats").json()["model_stats"][0]
     assert stats["inference_count"] - before == ran + 2  # busy and the last one; the expired request never ran
 
-
-def _gauge(url: str, metric: str, model: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(metric + "{") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 HOSTILE = [

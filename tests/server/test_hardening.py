@@ -24,7 +24,7 @@ import kiln
 from kiln.server.app import create_app
 from kiln.server.dataplane import DataPlane, _timeout
 from support import ZOO
-from v2client import wait_ready
+from v2client import gauge, wait_ready
 
 from .conftest import ServerThread, free_port
 
@@ -128,19 +128,12 @@ def test_overload_answers_only_200_or_429_with_retry_after_and_refuses_before_de
         # Fill the queue (one running, two waiting), then a malformed body: refused as 429, never parsed as JSON.
         running = [pool.submit(call, x) for _ in range(3)]
         deadline = time.monotonic() + 10
-        while _queue_depth(hard.url, "slow") < 2:
+        while gauge(hard.url, "kiln_queue_depth", "slow") < 2:
             assert time.monotonic() < deadline, "the queue never filled"
             time.sleep(0.01)
         r = call(b"{not json")
         assert r.status_code == 429 and r.headers["Retry-After"] == "1", r.text
         assert [f.result().status_code for f in running] == [200, 200, 200]
-
-
-def _queue_depth(url: str, model: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("kiln_queue_depth{") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_openapi_page_works_offline(hard: ServerThread) -> None:
@@ -241,7 +234,7 @@ def test_sigterm_under_load_loses_nothing_and_exits_in_time(hard_repo: Path) -> 
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(call, i) for i in range(12)]
             deadline = time.monotonic() + 10
-            while _queue_depth(url, "slow") < 8:
+            while gauge(url, "kiln_queue_depth", "slow") < 8:
                 assert time.monotonic() < deadline, "the queue never filled"
                 time.sleep(0.01)
             t0 = time.monotonic()

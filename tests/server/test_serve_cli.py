@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from v2client import wait_ready
+from v2client import gauge, wait_ready
 
 from .conftest import free_port
 
@@ -34,8 +34,7 @@ def test_sigterm_drains_in_flight_requests(serve_repo: Path) -> None:
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(call, i) for i in range(4)]  # 4 x 300 ms, one at a time
             deadline = time.monotonic() + 10
-            while "kiln_in_flight{" not in (m := httpx.get(f"{url}/metrics", timeout=5).text) or \
-                    _value(m, "kiln_in_flight", "slow") < 4:
+            while gauge(url, "kiln_in_flight", "slow") < 4:
                 assert time.monotonic() < deadline, "the requests never arrived"
                 time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)  # all four are in: each finishes within the 20 s grace period
@@ -52,13 +51,6 @@ def test_sigterm_drains_in_flight_requests(serve_repo: Path) -> None:
     infer = [ln for ln in lines if ln["path"] == "/v2/models/slow/infer"]
     assert len(infer) == 4 and all(ln["status"] == 200 and ln["ms"] > 0 for ln in infer)
     assert np.isfinite([ln["ms"] for ln in lines]).all()
-
-
-def _value(metrics: str, name: str, model: str) -> float:
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_serve_refuses_unknown_models_and_missing_repos(serve_repo: Path, tmp_path: Path) -> None:
