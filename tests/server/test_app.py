@@ -220,6 +220,25 @@ def test_metrics_move(server: ServerThread, digits: tuple) -> None:
     assert d["kiln_inference_count_total"] == 6 and 1 <= d["kiln_execution_count_total"] <= 3
     assert d["kiln_request_duration_seconds_count"] == 4 and d["kiln_queue_duration_seconds_count"] == 3
     assert 'kiln_queue_depth{model="digits",version="1"}' in after
+    lag = re.search(r"^kiln_event_loop_lag_seconds_count (\S+)$", after, re.M)
+    assert lag is not None and float(lag[1]) > 0, "the event loop's lag is measured while the server runs"
+
+
+def test_statistics_report_compute_phases_as_perf_analyzer_expects(server: ServerThread, digits: tuple) -> None:
+    """perf_analyzer aborts unless compute_input, compute_infer and compute_output have the same counts."""
+    assert httpx.post(f"{server.url}/v2/models/digits/infer", json=v2("image", digits[0][:4])).status_code == 200
+    s = httpx.get(f"{server.url}/v2/models/digits/stats").json()["model_stats"][0]
+    phases = [s["inference_stats"][k] for k in ("compute_input", "compute_infer", "compute_output")]
+    assert phases[0]["count"] == phases[1]["count"] == phases[2]["count"] == s["execution_count"] > 0
+    assert all(p["ns"] > 0 for p in phases)
+    for b in s["batch_stats"]:
+        assert b["compute_input"]["count"] == b["compute_infer"]["count"] == b["compute_output"]["count"] > 0
+
+
+def test_the_start_up_heap_is_frozen(server: ServerThread) -> None:
+    import gc
+
+    assert gc.get_freeze_count() > 10_000  # torch, the models and the app, out of the collector's reach
 
 
 def test_v1_predict(server: ServerThread, digits: tuple) -> None:

@@ -76,12 +76,14 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         for name in plane.available():
             plane.loading.add(name)
         task = asyncio.create_task(plane.load_all())
+        lag = asyncio.create_task(plane.metrics.watch_loop_lag())
         if not load_in_background:
             await task
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for t in (task, lag):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         await plane.stop()
 
     app = FastAPI(title="kiln", version=plane.server_metadata()["version"], lifespan=lifespan, docs_url=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -9,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from kiln.server.batcher import BatchInfo
 
 _LABELS = ("model", "version")
+LAG_INTERVAL_S = 0.05
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -31,6 +33,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.queue_depth = Gauge("kiln_queue_depth", "Requests waiting for a batch", _LABELS, registry=r)
         self.in_flight = Gauge("kiln_in_flight", "Requests queued or running", _LABELS, registry=r)
+        self.loop_lag = Histogram("kiln_event_loop_lag_seconds", "How late the server's event loop woke up from a "
+                                  f"{LAG_INTERVAL_S * 1e3:.0f} ms sleep: a stall here delays every request",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0), registry=r)
         self.rejections = Counter("kiln_rejections", "Requests refused before running (queue full, expired, shutting down)",
                                   (*_LABELS, "reason"), registry=r)
 
@@ -53,3 +58,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def watch_loop_lag(self) -> None:
+        """Run for the server's lifetime: sleep LAG_INTERVAL_S, record how late the loop woke up."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(LAG_INTERVAL_S)
+            self.loop_lag.observe(max(0.0, loop.time() - t0 - LAG_INTERVAL_S))

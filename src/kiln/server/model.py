@@ -34,6 +34,9 @@ class Stats:
     queue_ns: int = 0
     compute_count: int = 0
     compute_ns: int = 0
+    compute_input_ns: int = 0  # rows merged and converted to tensors
+    compute_infer_ns: int = 0  # the runtime itself
+    compute_output_ns: int = 0  # outputs converted and split back per request
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
@@ -111,12 +114,19 @@ class ServedModel:
         assert self._free is not None and self._pool is not None
         runner = await self._free.get()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._execute, runner, payloads)
+            results, phases = await asyncio.get_running_loop().run_in_executor(self._pool, self._execute, runner, payloads)
         finally:
             self._free.put_nowait(runner)
+        s = self.stats  # updated on the event loop thread: instances in worker threads never race on it
+        s.compute_input_ns += phases[0]
+        s.compute_infer_ns += phases[1]
+        s.compute_output_ns += phases[2]
+        return results
 
-    def _execute(self, runner: Runner, payloads: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
-        """In a worker thread: merge rows, run once, split rows back to their requests."""
+    def _execute(self, runner: Runner, payloads: list[list[np.ndarray]]) -> tuple[list[list[np.ndarray]], tuple[int, int, int]]:
+        """In a worker thread: merge rows, run once, split rows back to their requests. Also returns the nanoseconds
+        spent on input, inference and output (Triton's compute_input / compute_infer / compute_output)."""
+        t0 = time.perf_counter_ns()
         if len(payloads) == 1:
             merged = payloads[0]
         else:
@@ -124,11 +134,16 @@ class ServedModel:
         # Binary request data arrives as read-only views of the body; torch wants writable memory.
         xs = [torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a)).to(s.torch_dtype)
               for a, s in zip(merged, self.inputs)]
-        outs = [o.float().numpy(force=True) if o.dtype == torch.bfloat16 else o.numpy(force=True) for o in runner.run(xs)]
+        t1 = time.perf_counter_ns()
+        raw = runner.run(xs)
+        t2 = time.perf_counter_ns()
+        outs = [o.float().numpy(force=True) if o.dtype == torch.bfloat16 else o.numpy(force=True) for o in raw]
         if len(payloads) == 1:
-            return [outs]
-        bounds = np.cumsum([0] + [len(p[0]) for p in payloads])
-        return [[o[lo:hi] for o in outs] for lo, hi in zip(bounds[:-1], bounds[1:])]
+            split = [outs]
+        else:
+            bounds = np.cumsum([0] + [len(p[0]) for p in payloads])
+            split = [[o[lo:hi] for o in outs] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return split, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
     def _observe(self, info: BatchInfo) -> None:
         s = self.stats
