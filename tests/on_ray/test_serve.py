@@ -39,6 +39,12 @@ def test_kiln_serve_ray_cli(serve_repo: Path) -> None:
         r = httpx.post(f"{url}/v2/models/digits/infer", json={"inputs": [{"name": "image", "datatype": "FP32",
                                                                           "shape": list(x.shape), "data": x.ravel().tolist()}]})
         assert r.status_code == 200 and np.asarray(r.json()["outputs"][0]["data"]).reshape(4, 10).argmax(1).tolist() == digits["labels"][:4].tolist()
+        # statistics come from the replicas' reports: the rows they ran, their executions and compute phases
+        s = httpx.get(f"{url}/v2/models/digits/stats").json()["model_stats"][0]
+        assert s["inference_count"] >= 4 and s["execution_count"] >= 1 and s["batch_stats"]
+        phases = [s["inference_stats"][k]["count"] for k in ("compute_input", "compute_infer", "compute_output")]
+        assert phases[0] == phases[1] == phases[2] == s["execution_count"]
+        assert 'kiln_in_flight{model="digits",version="1"}' in httpx.get(f"{url}/metrics").text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

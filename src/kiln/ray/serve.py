@@ -8,7 +8,9 @@ errors and batching are the same as `kiln serve`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from kiln import repository
 from kiln.errors import KilnError
 from kiln.server.codec import Decoded
 from kiln.server.config import ModelConfig, load_config
+from kiln.server.metrics import Metrics
 from kiln.server.model import ServedModel
 
 
@@ -29,6 +32,7 @@ class KilnModel:
         vdir, manifest = repository.resolve(version_dir)
         self.model = ServedModel(manifest["name"], vdir, manifest, ModelConfig(**config))
         self.model.load()
+        self.replica = uuid.uuid4().hex[:12]
 
     def _start(self) -> None:
         if self.model.batcher is None:
@@ -38,14 +42,16 @@ class KilnModel:
         self._start()
         return True
 
-    async def infer(self, arrays: list[Any], rows: int, timeout_s: float | None) -> list[Any]:
+    async def infer(self, arrays: list[Any], rows: int, timeout_s: float | None) -> tuple[list[Any], dict[str, Any]]:
+        """The outputs, and this replica's statistics so far (the ingress aggregates the replicas' reports)."""
         self._start()
         req = Decoded(None, arrays, rows, [], set(), {})
-        return await self.model.infer(req, timeout_s=timeout_s)
+        outs = await self.model.infer(req, timeout_s=timeout_s)
+        return outs, self.report()
 
-    async def stats(self) -> dict[str, int]:
-        s = self.model.stats
-        return {"inference_count": s.inference_count, "execution_count": s.execution_count}
+    def report(self) -> dict[str, Any]:
+        return {"replica": self.replica, "stats": dataclasses.asdict(self.model.stats),
+                "queue_depth": self.model.queue_depth(), "in_flight": self.model.in_flight()}
 
 
 class RemoteModel(ServedModel):
@@ -53,9 +59,11 @@ class RemoteModel(ServedModel):
     model names to their deployments' handles; each ingress passes its own (no state shared through the class)."""
 
     def __init__(self, name: str, version_dir: Path, manifest: dict[str, Any], config: ModelConfig, *,
-                 handles: dict[str, Any], observer: Any = None) -> None:
+                 handles: dict[str, Any], metrics: Metrics, observer: Any = None) -> None:
         super().__init__(name, version_dir, manifest, config, observer=observer)
         self.handles = handles
+        self.metrics = metrics
+        self.replicas: dict[str, dict[str, Any]] = {}  # the latest report of each replica
 
     def describe(self) -> str:
         return "Ray Serve deployment"
@@ -73,11 +81,41 @@ class RemoteModel(ServedModel):
     async def infer(self, req: Decoded, *, timeout_s: float | None) -> list[Any]:
         timeout = timeout_s or self.config.timeout_ms / 1e3
         try:
-            return await asyncio.wait_for(self.handle.infer.remote(req.arrays, req.rows, timeout), timeout + 5)
+            outs, report = await asyncio.wait_for(self.handle.infer.remote(req.arrays, req.rows, timeout), timeout + 5)
         except TimeoutError:
             from kiln.server.batcher import Expired
 
             raise Expired(f"no answer from the model's replicas within {timeout * 1e3:.0f} ms") from None
+        self._merge(report)
+        return list(outs)
+
+    def _merge(self, report: dict[str, Any]) -> None:
+        """Execution-side statistics are the sum of the replicas' latest reports; request-side ones (success,
+        failure) are the ingress's own. Prometheus counters move by what the sum grew."""
+        before = (self.stats.inference_count, self.stats.execution_count)
+        self.replicas[report["replica"]] = report
+        reports = [r["stats"] for r in self.replicas.values()]
+        s = self.stats
+        for name in ("queue_count", "queue_ns", "compute_count", "compute_ns", "compute_input_ns", "compute_infer_ns",
+                     "compute_output_ns", "inference_count", "execution_count"):
+            setattr(s, name, sum(int(r.get(name, 0)) for r in reports))
+        s.last_inference_ms = max(int(r.get("last_inference_ms", 0)) for r in reports)
+        sizes: dict[int, list[int]] = {}
+        for r in reports:
+            for b, (count, ns) in r.get("batch_sizes", {}).items():
+                acc = sizes.setdefault(int(b), [0, 0])
+                acc[0] += count
+                acc[1] += ns
+        s.batch_sizes = sizes
+        labels = (self.name, self.version)
+        self.metrics.inference_count.labels(*labels).inc(max(0, s.inference_count - before[0]))
+        self.metrics.execution_count.labels(*labels).inc(max(0, s.execution_count - before[1]))
+
+    def queue_depth(self) -> int:
+        return sum(int(r["queue_depth"]) for r in self.replicas.values())
+
+    def in_flight(self) -> int:
+        return sum(int(r["in_flight"]) for r in self.replicas.values())
 
 
 @serve.ingress()
@@ -93,8 +131,10 @@ class KilnIngress:
         from kiln.server.app import create_app
         from kiln.server.dataplane import DataPlane
 
-        factory = functools.partial(RemoteModel, handles=self.handles)
-        plane = DataPlane(Path(self.repo), overrides=self.overrides, only=self.models, model_factory=factory)
+        metrics = Metrics()
+        factory = functools.partial(RemoteModel, handles=self.handles, metrics=metrics)
+        plane = DataPlane(Path(self.repo), overrides=self.overrides, only=self.models, model_factory=factory,
+                          metrics=metrics)
         return create_app(plane, api_key=self.api_key, max_body_bytes=self.max_body_bytes, load_in_background=False)
 
 

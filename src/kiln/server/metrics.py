@@ -40,11 +40,9 @@ class Metrics:
                                   (*_LABELS, "reason"), registry=r)
 
     def track(self, model: Any) -> None:
-        """Start exporting a served model's queue depth."""
-        self.queue_depth.labels(model.name, model.version).set_function(
-            lambda: model.batcher.queue_depth if model.batcher is not None else 0)
-        self.in_flight.labels(model.name, model.version).set_function(
-            lambda: model.batcher.in_flight if model.batcher is not None else 0)
+        """Start exporting a served model's queue depth and requests in flight (its own, or its replicas')."""
+        self.queue_depth.labels(model.name, model.version).set_function(model.queue_depth)
+        self.in_flight.labels(model.name, model.version).set_function(model.in_flight)
 
     def observe_batch(self, model: Any, info: BatchInfo) -> None:
         labels = (model.name, model.version)

@@ -66,6 +66,12 @@ class ServedModel:
     def describe(self) -> str:
         return f"{len(self.runners)} instance(s)"
 
+    def queue_depth(self) -> int:
+        return self.batcher.queue_depth if self.batcher is not None else 0
+
+    def in_flight(self) -> int:
+        return self.batcher.in_flight if self.batcher is not None else 0
+
     def load(self) -> None:
         """Blocking: load and warm every runner (called in a worker thread so the loop keeps serving)."""
         for device in self.config.devices:
