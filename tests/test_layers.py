@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("transforms", ("kiln.transforms",)),
     ("backends", ("kiln.backends",)),
     ("repository", ("kiln.repository",)),
-    ("build", ("kiln.verify", "kiln.plan", "kiln.builder", "kiln.bench", "kiln.report", "kiln.profile", "kiln.table")),
+    ("build", ("kiln.verify", "kiln.plan", "kiln.builder", "kiln.distiller", "kiln.bench", "kiln.report", "kiln.profile",
+               "kiln.table")),
     ("serve", ("kiln.server", "kiln.predict", "kiln.shards", "kiln.ray")),
     ("cli", ("kiln.cli", "kiln.__main__")),
     ("api", ("kiln",)),  # the package root: the public functions, imported lazily on first use

@@ -1,6 +1,6 @@
 """Train DigitsNet on scikit-learn's bundled digits data set (1,797 real 8x8 scans).
 
-    python examples/digits/train.py      # writes digits.safetensors, calib.npz, test.npz here
+    python examples/digits/train.py      # writes digits.safetensors, train.npz, calib.npz, test.npz here
 
 Splits (fixed seed): 60% train, 15% calibration (for int8 passes), 25% test (verification).
 """
@@ -42,6 +42,7 @@ def main() -> None:
         acc = (model(torch.from_numpy(x[test])).argmax(1).numpy() == y[test]).mean()
     print(f"test accuracy {acc:.4f} on {len(test)} held-out digits")
     save_model(model, str(HERE / "digits.safetensors"))
+    np.savez(HERE / "train.npz", image=x[train], labels=y[train])  # for kiln distill
     np.savez(HERE / "calib.npz", image=x[calib], labels=y[calib])
     np.savez(HERE / "test.npz", image=x[test], labels=y[test])
 

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "build": "kiln.builder", "BuildResult": "kiln.builder",
+    "distill": "kiln.distiller", "DistillResult": "kiln.distiller",
     "load": "kiln.repository",
     "KilnError": "kiln.errors",
     "Runner": "kiln.runner",
@@ -25,12 +26,13 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from kiln.builder import BuildResult, build
+    from kiln.distiller import DistillResult, distill
     from kiln.errors import KilnError
     from kiln.repository import load
     from kiln.runner import Runner
     from kiln.spec import TensorSpec
 
-__all__ = ["BuildResult", "KilnError", "Runner", "TensorSpec", "__version__", "build", "load"]
+__all__ = ["BuildResult", "DistillResult", "KilnError", "Runner", "TensorSpec", "__version__", "build", "distill", "load"]
 
 
 def __getattr__(name: str) -> Any:

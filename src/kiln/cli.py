@@ -49,6 +49,15 @@ _PREDICT_EXAMPLE = """examples:
   kiln predict models/digits data/*.npz --out preds.npz --resume  # continue a killed run
   kiln predict models/digits data/ --out preds.npz --ray          # on a local Ray, or --ray HOST:PORT"""
 
+_DISTILL_EXAMPLE = """examples:
+  kiln distill examples/digits/model.py:DigitsNet --weights examples/digits/digits.safetensors \\
+               --data examples/digits/train.npz --eval examples/digits/test.npz --repo models
+  kiln distill models/digits --data train.npz --student small.py:Student      # a built teacher, your student
+  kiln distill models/digits --data train.npz --prune 0.5                     # recover a structurally pruned model
+
+Without --student, kiln derives one: CNNs keep a share of their channels (--width, initialised from the
+teacher's most important ones), transformer encoders every other layer (the DistilBERT recipe)."""
+
 _INSPECT_EXAMPLE = """example:
   kiln inspect models/digits          # latest version
   kiln inspect models/digits/1 --json"""
@@ -181,6 +190,39 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica")
     pd.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
+    ds = sub.add_parser("distill", help="train a smaller student on a teacher's outputs, then build it",
+                        description="Knowledge distillation: train a student on the teacher's outputs (KL on logits at a "
+                        "temperature, plus labels when given; MSE and cosine on other outputs), stop early on a held-out "
+                        "split, then build the student like any model and compare every variant with the teacher.",
+                        epilog=_DISTILL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ds.add_argument("teacher", help="anything kiln build takes (file.py:Class, .pt, .pt2), or a built repo/<model>")
+    ds.add_argument("--data", required=True, help=".npz with one array per input name and optional 'labels'")
+    ds.add_argument("--weights", help="the teacher's weights (for a Python source)")
+    ds.add_argument("--input", action="append", dest="inputs", metavar="SPEC", help="the teacher's input specs")
+    ds.add_argument("--student", help="file.py:Student to train (default: derived from the teacher)")
+    ds.add_argument("--student-weights", help="initial weights for --student")
+    ds.add_argument("--width", type=float, default=0.5, help="derived CNN students: share of channels kept (default: 0.5)")
+    ds.add_argument("--prune", type=float, metavar="FRACTION",
+                    help="the student is the teacher with this share of channels removed (structured), fine-tuned here")
+    ds.add_argument("--eval", dest="eval_data", help=".npz neither model trained on: report both accuracies on it")
+    ds.add_argument("--repo", default="models", help="model repository for the student (default: models)")
+    ds.add_argument("--name", help="the student's name (default: <teacher>-student)")
+    ds.add_argument("--epochs", type=int, default=40, help="most epochs (default: 40)")
+    ds.add_argument("--max-minutes", type=float, default=10.0, help="time budget for training (default: 10)")
+    ds.add_argument("--batch", type=int, default=64, help="training batch size (default: 64)")
+    ds.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
+    ds.add_argument("--temperature", type=float, default=4.0, help="softmax temperature for logits (default: 4)")
+    ds.add_argument("--alpha", type=float, default=0.5,
+                    help="weight of the teacher against the labels, 0..1 (default: 0.5; 1 ignores labels)")
+    ds.add_argument("--holdout", type=float, default=0.25, help="share of --data held out (default: 0.25)")
+    ds.add_argument("--patience", type=int, default=6, help="epochs without held-out improvement before stopping")
+    ds.add_argument("--seed", type=int, default=0, help="seed for the split, the student and the order (default: 0)")
+    ds.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    ds.add_argument("--backends", help="backends for the student's build (default: all)")
+    ds.add_argument("--precision", default="auto", choices=("fp32", "fp16", "bf16", "int8", "auto"),
+                    help="bound the student's build (default: auto)")
+    ds.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
     i = sub.add_parser("inspect", help="show a built model: versions, specs, variants",
                        description="Show a built model's manifest: source, TensorSpecs, every candidate variant.",
                        epilog=_INSPECT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _profile(args)
         if args.command == "predict":
             return _predict(args)
+        if args.command == "distill":
+            return _distill(args)
         return _inspect(args)
     except KilnError as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -427,6 +471,42 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"  skipped {src}: {err}")
     if len(s.skipped) > 20:
         print(f"  ... and {len(s.skipped) - 20} more")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from kiln.distiller import distill
+    from kiln.progress import reporter
+    from kiln.table import variants_table
+
+    opts: dict[str, Any] = {"precision": args.precision}
+    if args.backends:
+        opts["backend_names"] = args.backends.split(",")
+    r = distill(args.teacher, data=args.data, student=args.student, student_weights=args.student_weights,
+                weights=args.weights, inputs=args.inputs, repo=args.repo, name=args.name, width=args.width,
+                prune=args.prune, epochs=args.epochs, max_minutes=args.max_minutes, batch=args.batch, lr=args.lr,
+                temperature=args.temperature, alpha=args.alpha, holdout=args.holdout, patience=args.patience,
+                seed=args.seed, resume=args.resume, eval_data=args.eval_data, progress=reporter(quiet=args.quiet),
+                build_options=opts)
+    console = _console()
+    s = r.summary
+    console.print(f"student: {escape(r.derived or r.student)}", highlight=False)
+    console.print(f"trained {s['epochs']} epoch(s) on {s['train_items']} items, {escape(r.stopped)}; best held-out loss "
+                  f"{s['best_heldout_loss']:.4f}; parameters {s['teacher_parameters']:,} -> {s['student_parameters']:,}",
+                  highlight=False)
+    console.print(variants_table([c.to_dict() for c in r.build.candidates], r.build.batch_sizes, r.build.selected))
+    ev = s.get("eval")
+    if ev and "student_accuracy" in ev:
+        console.print(f"on {ev['data']} ({ev['items']} items): teacher {ev['teacher_accuracy']:.2%}, student "
+                      f"{ev['student_accuracy']:.2%} ({ev['accuracy_delta']:+.2%}), agreement {ev['agreement']:.2%}",
+                      highlight=False)
+    if r.build.selected is None:
+        print("error: no student variant passed verification, nothing was written", file=sys.stderr)
+        return 1
+    speed = ", ".join(f"{v:.1f}x at batch {b}" for b, v in s.get("speedup_vs_teacher_eager", {}).items())
+    console.print(f"selected [bold]{r.build.selected}[/bold] -> {r.build.path} ({speed} against the teacher in eager "
+                  "fp32)", highlight=False)
+    console.print(f"report: {r.build.path / 'report.html'}", highlight=False)  # type: ignore[operator]
     return 0
 
 

@@ -27,7 +27,33 @@ def from_manifest(m: dict[str, Any]) -> dict[str, Any]:
         "batch_sizes": m.get("batch_sizes", []), "variants": variants,
         "environment": {**m.get("device", {}), **{f"lib {k}": v for k, v in m.get("libraries", {}).items()}},
         "notes": m.get("notes", []),
+        "distill": _distill_points(m),
     }
+
+
+def _distill_points(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Teacher and student variants on accuracy (or agreement with the teacher) against latency at the smallest
+    build batch: the trade-off distillation buys. Empty for a model that was not distilled."""
+    d = m.get("distillation")
+    if not d:
+        return []
+    small = min(m.get("batch_sizes") or [1])
+    teacher_ms = next((t["p50_ms"] for t in d.get("teacher_timings", []) if t["batch"] == small), None)
+    labels = d.get("teacher_accuracy") is not None
+    points = []
+    if teacher_ms is not None:
+        points.append({"name": "teacher eager/fp32", "latency_ms": teacher_ms,
+                       "score": d["teacher_accuracy"] if labels else 1.0})
+    for c in m.get("candidates", []):
+        checks = c.get("teacher") or []
+        first = next((x for x in checks if "top1_agreement" in x), checks[0] if checks else None)
+        ms = next((t["p50_ms"] for t in c.get("timings", []) if t["batch"] == small), None)
+        if first is None or ms is None:
+            continue
+        score = first.get("accuracy") if labels and first.get("accuracy") is not None else \
+            first.get("top1_agreement", first.get("cosine"))
+        points.append({"name": f"student {c['variant']}", "latency_ms": ms, "score": score})
+    return points
 
 
 def summarize_accuracy(checks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,7 +131,9 @@ def render(data: dict[str, Any]) -> str:
         title=e(f"kiln report: {data['title']}"), heading=e(data["title"]), kind=e(data.get("kind", "")),
         selected=e(str(data.get("selected") or "none")), meta=meta_html, rows="".join(rows), env=env,
         notes=f"<section><h2>Notes</h2><ul>{notes}</ul></section>" if notes else "", small=small, large=large,
-        payload=payload, css=_CSS, js=_JS)
+        payload=payload, css=_CSS, js=_JS,
+        distill_figure='<figure><figcaption>Teacher and student: accuracy against latency</figcaption>'
+                       '<div id="distill"></div></figure>' if data.get("distill") else "")
 
 
 _CSS = """
@@ -154,7 +182,7 @@ function chart(id, series, o){
   const W=520,H=300,L=62,R=16,T=12,B=42;
   const xs=series.flatMap(s=>s.points.map(p=>p[0])), ys=series.flatMap(s=>s.points.map(p=>p[1]));
   let x0=Math.min(...xs),x1=Math.max(...xs),y0=Math.min(...ys),y1=Math.max(...ys);
-  if(o.logX){x0/=1.25;x1*=1.25;} if(o.logY){y0/=1.5;y1*=1.5;} else {y0=0;y1*=1.12;}
+  if(o.logX){x0/=1.25;x1*=1.25;} if(o.logY){y0/=1.5;y1*=1.5;} else if(o.yFit){const pad=Math.max((y1-y0)*0.25,0.5);y0-=pad;y1+=pad;} else {y0=0;y1*=1.12;}
   const sx=scale(x0,x1,L,W-R,o.logX), sy=scale(y0,y1,H-B,T,o.logY);
   const svg=el('svg',{viewBox:`0 0 ${W} ${H}`,role:'img','aria-label':o.title,'data-chart':id},host);
   (o.xTicks||ticks(x0,x1,o.logX)).forEach(t=>{const x=sx(t);el('line',{x1:x,x2:x,y1:T,y2:H-B,class:'grid'},svg);const tx=el('text',{x:x,y:H-B+16,'text-anchor':'middle'},svg);tx.textContent=fmt(t);});
@@ -167,7 +195,7 @@ function chart(id, series, o){
     if(o.lines&&pts.length>1) el('path',{d:pts.map((p,i)=>(i?'L':'M')+sx(p[0]).toFixed(1)+','+sy(p[1]).toFixed(1)).join(' '),class:'series',stroke:color[s.name],'data-variant':s.name},svg);
     pts.forEach(p=>{const c=el('circle',{cx:sx(p[0]),cy:sy(p[1]),r:o.lines?3.5:6,fill:color[s.name],'data-variant':s.name,class:'point'},svg);
       const tt=el('title',{},c);tt.textContent=`${s.name}: ${o.xLabel} ${fmt(p[0])}, ${o.yLabel} ${fmt(p[1])}`;
-      if(!o.lines){const lb=el('text',{x:sx(p[0])+9,y:sy(p[1])+4,class:'label'},svg);lb.textContent=s.name;}});
+      if(!o.lines&&!o.noLabels){const lb=el('text',{x:sx(p[0])+9,y:sy(p[1])+4,class:'label'},svg);lb.textContent=s.name;}});
   });
   const lg=document.createElement('div');lg.className='legend';
   series.forEach(s=>{const sp=document.createElement('span');sp.innerHTML=`<i style="background:${color[s.name]}"></i>`;sp.appendChild(document.createTextNode(s.name));lg.appendChild(sp);});
@@ -181,6 +209,9 @@ chart('throughput', ok.map(v=>({name:v.variant,points:v.timings.map(t=>[t.batch,
 const small=batches[0];
 chart('tradeoff', ok.filter(v=>v.accuracy&&v.accuracy.max_rel_err!==undefined).map(v=>({name:v.variant,points:[[v.timings.find(t=>t.batch===small).p50_ms,Math.max(v.accuracy.max_rel_err,1e-9)]]})),
   {title:'accuracy against speed',xLabel:`p50 latency at batch ${small} (ms)`,yLabel:'max relative error vs fp32 reference',logX:true,logY:true,lines:false});
+if(D.distill&&D.distill.length){D.distill.forEach((p,i)=>{if(!color[p.name])color[p.name]=i?COLORS[(i+3)%COLORS.length]:'#212529';});
+  chart('distill', D.distill.map(p=>({name:p.name,points:[[p.latency_ms,100*p.score]]})),
+    {title:'teacher and student',xLabel:`p50 latency at batch ${small} (ms)`,yLabel:'accuracy on held-out data (%)',logX:true,logY:false,yFit:true,lines:false,noLabels:true});}
 document.body.setAttribute('data-rendered','true');
 })();
 """
@@ -196,6 +227,7 @@ _PAGE = """<!doctype html>
 <figure><figcaption>p50 latency against batch size</figcaption><div id="latency"></div></figure>
 <figure><figcaption>Throughput against batch size</figcaption><div id="throughput"></div></figure>
 <figure><figcaption>Accuracy against speed</figcaption><div id="tradeoff"></div></figure>
+{distill_figure}
 </div></section>
 <section><h2>Variants</h2><table id="variants"><thead><tr><th>variant</th><th>status / reason</th>
 <th>p50 ms @{small}</th><th>p99 ms @{small}</th><th>items/s @{large}</th><th>memory MB</th><th>load s</th><th>size MB</th>
