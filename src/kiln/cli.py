@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("repo", help="model repository made by kiln build")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--grpc-port", type=int, help="also serve the KServe v2 gRPC protocol on this port (pip install 'kiln[grpc]')")
     s.add_argument("--models", help="comma-separated subset of the repository's models")
     s.add_argument("--max-batch-size", type=int, help="rows per execution")
     s.add_argument("--max-delay-ms", type=float, help="batching window, from the first request of a batch")
@@ -360,10 +361,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise KilnError(f"no model {', '.join(unknown)} in {args.repo}", hint=f"the repository has {', '.join(everything) or 'no built models'}")
     if not names:
         raise KilnError(f"no built models in {args.repo}", hint="build one with kiln build ... --repo " + args.repo)
+    if args.grpc_port is not None:
+        from kiln.server.grpc_service import _modules
+
+        _modules()  # refuse now, with the install hint, rather than after the models load
     app = create_app(plane, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                     access_log=args.access_log or args.log_json, log_json=args.log_json)
-    print(f"kiln serve: {', '.join(names)} on http://{args.host}:{args.port} (ready at /v2/health/ready once warm)",
-          file=sys.stderr, flush=True)
+                     access_log=args.access_log or args.log_json, log_json=args.log_json,
+                     grpc_port=args.grpc_port, grpc_host=args.host)
+    grpc_text = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port is not None else ""
+    print(f"kiln serve: {', '.join(names)} on http://{args.host}:{args.port}{grpc_text} (ready at /v2/health/ready "
+          "once warm)", file=sys.stderr, flush=True)
     code = run(app, host=args.host, port=args.port, grace_s=args.grace_s, plane=plane,
                header_timeout_s=args.header_timeout_s)
     for name, err in plane.errors.items():

@@ -67,9 +67,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: int = 64 << 20,
-               access_log: bool = False, log_json: bool = False, load_in_background: bool = True) -> FastAPI:
+               access_log: bool = False, log_json: bool = False, load_in_background: bool = True,
+               grpc_port: int | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
     """The ASGI app. Models load in the background at startup: live at once, ready when loaded and warm.
-    With load_in_background=False startup waits for them (Ray Serve replicas: healthy means loaded)."""
+    With load_in_background=False startup waits for them (Ray Serve replicas: healthy means loaded).
+    With `grpc_port`, the KServe v2 gRPC service runs beside it on the same event loop and data plane."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,9 +79,17 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
             plane.loading.add(name)
         task = asyncio.create_task(plane.load_all())
         lag = asyncio.create_task(plane.metrics.watch_loop_lag())
+        grpc_server = None
+        if grpc_port is not None:
+            from kiln.server import grpc_service
+
+            grpc_server = await grpc_service.start(plane, port=grpc_port, host=grpc_host, api_key=api_key,
+                                                   max_message_bytes=max_body_bytes)
         if not load_in_background:
             await task
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(1.0)
         for t in (task, lag):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):

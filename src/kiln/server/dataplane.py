@@ -238,6 +238,14 @@ class DataPlane:
 
         return await self._observed(m, work)
 
+    async def infer_doc(self, name: str, version: str | None, doc: dict[str, Any], tail: memoryview,
+                        timeout_ms: str | None = None) -> tuple[ServedModel, Decoded, list[np.ndarray]]:
+        """An already parsed V2 request (gRPC): the same admission, validation, batcher and metrics as HTTP."""
+        m = self.get(name, version)
+        self.admit(m)
+        req, outs = await self._observed(m, lambda: self._run(m, doc, tail, timeout_ms))
+        return m, req, outs
+
     def admit(self, m: ServedModel) -> None:
         """Refuse before decoding anything when the request cannot be queued: a full queue costs no JSON parsing."""
         if self.draining:
