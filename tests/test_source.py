@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file, save_model
 
+import kiln
 import zoo
 from kiln.errors import KilnError
 from kiln.source import ModelSource, load_module
@@ -97,3 +99,56 @@ def test_cli_errors_exit_2_without_traceback(cases: dict[str, tuple[list[str], s
         assert p.returncode == 2, (name, p.stderr)
         assert needle in p.stderr and "hint:" in p.stderr, (name, p.stderr)
         assert "Traceback" not in p.stderr + p.stdout, (name, p.stderr)
+
+
+def test_a_ddp_checkpoint_loads_with_its_prefix_stripped_and_a_note(tmp_path: Path) -> None:
+    m = zoo.seeded(zoo.MLP)
+    torch.save({f"module.{k}": v for k, v in m.state_dict().items()}, tmp_path / "ddp.pth")
+    src = ModelSource.parse(f"{ZOO}:MLP", weights=tmp_path / "ddp.pth")
+    loaded = load_module(src)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x), m.eval()(x))
+    assert any("stripped the 'module.' prefix" in n for n in src.notes)
+
+
+def test_another_prefix_is_named_in_the_hint(tmp_path: Path) -> None:
+    m = zoo.seeded(zoo.MLP)
+    torch.save({f"net.{k}": v for k, v in m.state_dict().items()}, tmp_path / "wrapped.pth")
+    with pytest.raises(KilnError) as e:
+        load_module(ModelSource.parse(f"{ZOO}:MLP", weights=tmp_path / "wrapped.pth"))
+    assert "starts with 'net.': strip the prefix" in (e.value.hint or "")
+
+
+def test_a_checkpoint_without_a_state_dict_shows_its_keys(tmp_path: Path) -> None:
+    m = zoo.seeded(zoo.MLP)
+    torch.save({"epoch": 3, "net": m.state_dict(), "best": 0.9}, tmp_path / "ckpt.pth")
+    with pytest.raises(KilnError, match="top-level keys are: best, epoch, net") as e:
+        load_module(ModelSource.parse(f"{ZOO}:MLP", weights=tmp_path / "ckpt.pth"))
+    assert "under 'net'" in (e.value.hint or "")
+
+
+def test_kiln_toml_typos_name_the_key(tmp_path: Path) -> None:
+    from kiln.spec import load_toml_specs
+
+    (tmp_path / "kiln.toml").write_text('name = "m"\n[[inputs]]\nname = "x"\ndtyp = "float32"\nshape = ["batch", 4]\n')
+    with pytest.raises(KilnError, match="unknown key 'dtyp' \\(did you mean 'dtype'\\?\\)"):
+        load_toml_specs(tmp_path / "kiln.toml")
+    (tmp_path / "kiln.toml").write_text('nme = "m"\n')
+    with pytest.raises(KilnError, match="unknown key 'nme' \\(did you mean 'name'\\?\\)"):
+        load_toml_specs(tmp_path / "kiln.toml")
+
+
+def test_missing_inputs_name_forward_arguments(tmp_path: Path) -> None:
+    with pytest.raises(KilnError, match="forward\\(\\) takes a, b") as e:
+        kiln.build(f"{ZOO}:TwoInTwoOut", repo=tmp_path, backend_names=("eager",))
+    assert "--input 'a:float32[batch,...]' --input 'b:float32[batch,...]'" in (e.value.hint or "")
+
+
+def test_channels_last_data_gets_the_transpose(tmp_path: Path) -> None:
+    from kiln.runner import check_tensor
+    from kiln.spec import TensorSpec
+
+    spec = TensorSpec.parse("image:float32[batch,3,32,32]")
+    with pytest.raises(KilnError) as e:
+        check_tensor(spec, np.zeros((2, 32, 32, 3), np.float32), {})
+    assert "numpy.transpose(x, (0, 3, 1, 2))" in (e.value.hint or "")

@@ -185,8 +185,12 @@ def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[
         return Resolved(src, model_name, None, in_specs, out_specs, ref, preprocess)
     module = load_module(src)
     if not in_specs:
-        raise KilnError(f"no input spec for {src.text}",
-                        hint="give --input NAME:DTYPE[DIMS] (e.g. image:float32[batch,1,8,8]) or a kiln.toml beside the model")
+        args = _forward_arguments(module)
+        example = " ".join(f"--input '{a}:float32[batch,...]'" for a in args) if args else \
+            "--input 'image:float32[batch,1,8,8]'"
+        raise KilnError(f"no input spec for {src.text}" + (f": forward() takes {', '.join(args)}" if args else ""),
+                        hint=f"give one --input NAME:DTYPE[DIMS] per argument, in order ({example}), "
+                             "or a kiln.toml beside the model")
     try:
         out_specs = discover_outputs(module, in_specs)
     except ModuleNotFoundError as e:
@@ -194,6 +198,16 @@ def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[
                         hint="import every module at the top of the model file (kiln copies the model's folder "
                              "modules it imports into the artifact), or install the package") from None
     return Resolved(src, model_name, module, in_specs, out_specs, _eager_reference(module, device), preprocess)
+
+
+def _forward_arguments(module: torch.nn.Module) -> list[str]:
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def select(accepted: list[Candidate], objective: Objective, sizes: list[int]) -> Candidate | None:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -310,6 +311,18 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_repository_folder(repo: Path) -> None:
+    """`kiln serve models/digits` (a model, or one of its versions) instead of the repository: say which to give."""
+    from kiln import repository
+
+    if (repo / repository.MANIFEST).is_file():
+        raise KilnError(f"{repo} is one version of a model, not a model repository",
+                        hint=f"serve the repository two levels up: kiln serve {repo.parent.parent} --models {repo.parent.name}")
+    if repository.versions(repo):
+        raise KilnError(f"{repo} is a model folder (versions {', '.join(map(str, repository.versions(repo)))}), "
+                        "not a model repository", hint=f"serve its parent: kiln serve {repo.parent} --models {repo.name}")
+
+
 def check_serve_device(device: str) -> None:
     """--device is checked before anything loads: a name kiln knows, and a GPU that is there."""
     if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -326,8 +339,6 @@ def check_serve_device(device: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kiln.server.app import create_app
     from kiln.server.dataplane import DataPlane
     from kiln.server.run import run
@@ -352,6 +363,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     for device in args.devices or []:
         check_serve_device(device)
+    _check_repository_folder(Path(args.repo))
     plane = DataPlane(Path(args.repo), overrides=overrides, only=args.models.split(",") if args.models else None,
                       drain_s=args.grace_s)
     names = plane.available()
@@ -380,7 +392,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     import tempfile
-    from pathlib import Path
 
     from rich.table import Table
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
-from kiln.spec import TensorSpec
+from kiln.spec import TensorSpec, layout_hint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -142,7 +142,8 @@ def read_arrays(path: Path, specs: list[TensorSpec], kind: str) -> list[np.ndarr
     for spec, a in zip(specs, arrays):
         if not spec.matches(a.shape):
             raise KilnError(f"{path}: array {spec.name!r} has shape {list(a.shape)}, the model takes "
-                            f"{spec.dtype}[{','.join(map(str, spec.shape))}]", hint="one row per item along the first axis")
+                            f"{spec.dtype}[{','.join(map(str, spec.shape))}]",
+                            hint=layout_hint(spec, a.shape) or "one row per item along the first axis")
     n = {len(a) for a in arrays}
     if len(n) != 1:
         raise KilnError(f"{path}: arrays have different lengths {sorted(n)}", hint="one row per item in every array")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError
-from kiln.spec import TensorSpec, to_tensor
+from kiln.spec import TensorSpec, layout_hint, to_tensor
 
 BatchFn = Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]
 
@@ -92,7 +92,7 @@ def check_tensor(spec: TensorSpec, a: Any, sizes: dict[str, int]) -> torch.Tenso
         raise KilnError(f'expected input "{spec.name}" {expect}, got {got_dtype}[{",".join(map(str, shape))}]',
                         hint=f"convert it with .astype({spec.dtype!r})" if spec.dtype != "bfloat16" else "send float32")
     if len(shape) != len(spec.shape) or not spec.matches(shape):
-        hint = "add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape"
+        hint = layout_hint(spec, shape) or ("add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape")
         raise KilnError(f'expected input "{spec.name}" {expect}, got {got_dtype}[{",".join(map(str, shape))}]', hint=hint)
     for i, d in spec.dynamic_dims.items():
         if shape[i] == 0:

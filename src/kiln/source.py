@@ -120,7 +120,7 @@ def load_module(src: ModelSource) -> nn.Module:
             raise KilnError(f"{src.text} gave a {type(model).__name__}, not a torch.nn.Module",
                             hint="point at a class or factory function that returns an nn.Module")
         if src.weights is not None:
-            load_weights(model, src.weights)
+            load_weights(model, src.weights, src.notes)
         else:
             src.notes.append("no --weights given: the model keeps the weights its factory created")
     elif src.kind == "torchscript":
@@ -242,14 +242,31 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(obj, dict):  # a training checkpoint: say what it holds and where the weights might be
+            keys = sorted(str(k) for k in obj)
+            nested = [str(k) for k, v in obj.items() if isinstance(v, dict) and v
+                      and all(isinstance(x, torch.Tensor) for x in v.values())]
+            hint = (f"the weights look like they are under {nested[0]!r}: save that alone with "
+                    f"torch.save(ckpt[{nested[0]!r}], 'model.pth')" if nested else _SAVE_HINT)
+            raise KilnError(f"{path} is a dict without a state_dict; its top-level keys are: "
+                            f"{', '.join(keys[:20])}", hint=hint)
         raise KilnError(f"{path} does not hold a state_dict (a dict of tensors)", hint=_SAVE_HINT)
     return obj
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a state_dict into `model`, listing every missing, unexpected and mis-shaped key at once."""
+def load_weights(model: nn.Module, path: Path, notes: list[str] | None = None) -> None:
+    """Load a state_dict into `model`, listing every missing, unexpected and mis-shaped key at once. A checkpoint
+    saved from a DistributedDataParallel/DataParallel wrapper (every key prefixed `module.`) is loaded with the
+    prefix stripped, and a note says so."""
     sd = read_state_dict(path)
     own = model.state_dict()
+    if sd and all(k.startswith("module.") for k in sd) and not any(k.startswith("module.") for k in own):
+        stripped = {k[len("module."):]: v for k, v in sd.items()}
+        if set(stripped) == set(own):
+            sd = stripped
+            if notes is not None:
+                notes.append(f"{path.name}: stripped the 'module.' prefix from every key (saved from "
+                             "DistributedDataParallel or DataParallel)")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -262,8 +279,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
             lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
         if shapes:
             lines.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
-        raise KilnError(f"weights {path} do not fit the model:\n    " + "\n    ".join(lines),
-                        hint="check that the weights were saved from this model class and configuration")
+        prefixes = {k.split(".", 1)[0] for k in unexpected if "." in k}
+        hint = "check that the weights were saved from this model class and configuration"
+        if unexpected and len(prefixes) == 1 and all(k.startswith(next(iter(prefixes)) + ".") for k in sd):
+            prefix = next(iter(prefixes))
+            hint = (f"every key in the file starts with '{prefix}.': strip the prefix, e.g. "
+                    f"{{k.removeprefix('{prefix}.'): v for k, v in state_dict.items()}}, or point --weights at "
+                    "the inner model's weights")
+        raise KilnError(f"weights {path} do not fit the model:\n    " + "\n    ".join(lines), hint=hint)
     model.load_state_dict(sd, strict=True)
 
 

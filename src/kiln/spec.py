@@ -151,9 +151,41 @@ def load_toml_specs(path: Path) -> tuple[str | None, list[TensorSpec]]:
         doc = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise KilnError(f"cannot read {path}: {e}", hint="fix the TOML syntax") from None
+    _check_keys(doc, _TOML_KEYS, f"{path}")
+    for i, table in enumerate(doc.get("inputs", [])):
+        if isinstance(table, dict):
+            _check_keys(table, _INPUT_KEYS, f"{path} [[inputs]] #{i + 1}")
     inputs = [TensorSpec.from_dict(t) for t in doc.get("inputs", [])]
     name = doc.get("name")
     return (str(name) if name else None), inputs
+
+
+_TOML_KEYS = ("name", "inputs", "outputs", "preprocess")
+_INPUT_KEYS = ("name", "dtype", "shape", "range", "max")
+
+
+def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """A typo in kiln.toml is an error that names the key and the nearest known one, not a silent default."""
+    import difflib
+
+    for key in table:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            raise KilnError(f"{where}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+                            hint=f"the keys are {', '.join(known)}")
+    missing = [k for k in ("name", "dtype", "shape") if known is _INPUT_KEYS and k not in table]
+    if missing:
+        raise KilnError(f"{where}: missing {', '.join(missing)}",
+                        hint='each [[inputs]] needs name = "image", dtype = "float32", shape = ["batch", 1, 8, 8]')
+
+
+def layout_hint(spec: TensorSpec, shape: tuple[int, ...]) -> str | None:
+    """For a 4-D array whose channels sit last where the model wants them first (NHWC vs NCHW): the fix."""
+    want = spec.shape
+    if len(shape) == 4 and len(want) == 4 and isinstance(want[1], int) and shape[3] == want[1] \
+            and all(isinstance(w, str) or w == s for w, s in zip(want[2:], shape[1:3])):
+        return "the array looks channels-last (NHWC); the model takes NCHW: numpy.transpose(x, (0, 3, 1, 2))"
+    return None
 
 
 # Sizes used for dynamic dims when kiln makes example inputs: distinct, >= 2 (so torch.export

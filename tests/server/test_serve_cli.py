@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from v2client import gauge, wait_ready
 
@@ -59,3 +60,13 @@ def test_serve_refuses_unknown_models_and_missing_repos(serve_repo: Path, tmp_pa
     assert p.returncode == 2 and "no model nope" in p.stderr and "the repository has" in p.stderr
     p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "model repository not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_serving_a_model_folder_names_the_repository(serve_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli import main
+
+    assert main(["serve", str(serve_repo / "digits")]) == 2
+    err = capsys.readouterr().err
+    assert "is a model folder" in err and f"kiln serve {serve_repo} --models digits" in err
+    assert main(["serve", str(serve_repo / "digits" / "1")]) == 2
+    assert f"kiln serve {serve_repo} --models digits" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kiln.spec import TensorSpec
+from kiln.spec import TensorSpec, layout_hint
 
 DATATYPES = {
     "float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64", "int64": "INT64",
@@ -166,7 +166,7 @@ def _decode_tensor(t: dict[str, Any], spec: TensorSpec, tail: memoryview, offset
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], sizes: dict[str, int]) -> None:
     expect = f"{DATATYPES[spec.dtype]}[{','.join(str(d) for d in spec.shape)}]"
     if not spec.matches(shape):
-        hint = "add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape"
+        hint = layout_hint(spec, shape) or ("add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape")
         raise BadRequest(f'expected input "{spec.name}" {expect}, got shape {list(shape)}: {hint}')
     limits = spec.limits
     for i, d in spec.dynamic_dims.items():
