@@ -3,8 +3,9 @@
     .venv/bin/python bench/distill.py                 # digits and the encoder (about 4-6 minutes on 2 cores)
     .venv/bin/python bench/distill.py --only digits
 
-1. digits: the teacher (examples/digits DigitsNet) and students derived by `kiln distill` at width 0.5 and 0.25,
-   trained on examples/digits/train.npz; every model built with the same backends (eager, torchscript,
+1. digits: the teacher (examples/digits DigitsNet) and students derived by `kiln distill` at width 0.5 and 0.25
+   (the teacher structurally pruned to that width: its accuracy before training is printed too), trained on
+   examples/digits/train.npz; every model built with the same backends (eager, torchscript,
    onnxruntime); the selected variants timed at batch 1 and 32, alternating, median of --rounds; accuracy on
    examples/digits/test.npz, which no model trained on.
 2. encoder: examples/encoder's 6-layer encoder (hidden 384, random weights, seed 0) distilled to 3 layers (every
@@ -53,7 +54,14 @@ def digits(work: Path, rounds: int) -> list[dict[str, Any]]:
     assert teacher.path is not None
     paths = {"teacher DigitsNet": teacher.path}
     info: dict[str, dict[str, Any]] = {"teacher DigitsNet": {"params": None, "selected": teacher.selected}}
+    from kiln.source import ModelSource, load_module
+    from kiln.transforms.student import derive
+
+    teacher_module = load_module(ModelSource.parse(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors"))
     for width in (0.5, 0.25):
+        pruned, _, _ = derive(teacher_module, width=width)  # the student before training: the teacher, pruned
+        with torch.no_grad():
+            untrained = float((pruned(torch.from_numpy(test["image"])).argmax(1).numpy() == test["labels"]).mean())
         r = kiln.distill(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors",
                          data=DIGITS / "train.npz", eval_data=DIGITS / "test.npz", width=width, repo=work,
                          name=f"digits-w{int(width * 100)}", epochs=40,
@@ -62,7 +70,8 @@ def digits(work: Path, rounds: int) -> list[dict[str, Any]]:
         name = f"student width {width:g}"
         paths[name] = r.build.path
         info[name] = {"params": r.summary["student_parameters"], "selected": r.build.selected,
-                      "epochs": r.summary["epochs"], "seconds": sum(e.seconds for e in r.epochs)}
+                      "epochs": r.summary["epochs"], "seconds": sum(e.seconds for e in r.epochs),
+                      "accuracy_before_training": untrained}
         info["teacher DigitsNet"]["params"] = r.summary["teacher_parameters"]
     x = torch.from_numpy(test["image"])
     times = timed(paths, {1: [x[:1]], 32: [x[:32]]}, rounds)
@@ -142,7 +151,8 @@ def main() -> int:
     for r in rows:
         if r["model"] == "digits":
             print(f"{r['model']:<8} {r['name']:<22} {r['selected']:<18} {r['params'] or 0:>8,} {r['p50_ms_1']:>10.3f} "
-                  f"{r['p50_ms_32']:>11.3f} {r['speedup_1']:>5.2f}x@1 {r['speedup_32']:>5.2f}x@32 {r['accuracy']:>8.2%}")
+                  f"{r['p50_ms_32']:>11.3f} {r['speedup_1']:>5.2f}x@1 {r['speedup_32']:>5.2f}x@32 {r['accuracy']:>8.2%}"
+                  + (f" (pruned, untrained: {r['accuracy_before_training']:.2%})" if "accuracy_before_training" in r else ""))
         else:
             name = r["name"][:22]
             extra = (f"{r['speedup_8']:>5.2f}x@8  hidden {r['cosine_hidden']:.4f} logits {r['cosine_logits']:.4f}"

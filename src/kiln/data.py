@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +41,9 @@ def read_npz(path: Path, inputs: list[TensorSpec]) -> tuple[list[np.ndarray], np
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise KilnError(f"cannot read {path} as .npz: {e}", hint="save it with numpy.savez(path, image=..., labels=...)") from None
+    except Exception as e:  # a damaged archive raises anything (BadZipFile, zlib.error, EOFError, ValueError)
+        raise KilnError(f"cannot read {path} as .npz: {type(e).__name__}: {e}",
+                        hint="save it with numpy.savez(path, image=..., labels=...)") from None
     missing = [s.name for s in inputs if s.name not in arrays]
     if missing:
         raise KilnError(f"{path} lacks arrays {missing} (it has {sorted(arrays)})",

@@ -26,11 +26,12 @@ from torch import nn
 from kiln import repository
 from kiln.bench.timing import time_runner
 from kiln.builder import BuildResult, build, resolve, write_report
+from kiln.data import read_npz
 from kiln.errors import KilnError
 from kiln.progress import Reporter, Silent
 from kiln.signature import FlatModel, is_classifier
 from kiln.source import ModelSource, load_module, sha256_file
-from kiln.spec import TensorSpec, to_tensor
+from kiln.spec import TensorSpec
 from kiln.verify import compare, to_dict
 
 
@@ -95,7 +96,7 @@ def distill(teacher: str, *, data: str | Path, student: str | None = None, stude
         raise KilnError("--epochs and --batch must be at least 1, --max-minutes positive", hint="e.g. --epochs 40")
     torch.manual_seed(seed)
     t = _load_teacher(teacher, weights=weights, inputs=inputs)
-    x_all, labels = _read_data(Path(data), t.inputs)
+    x_all, labels = _arrays(Path(data), t.inputs)
     n = len(x_all[0])
     order = np.random.default_rng(seed).permutation(n)
     n_held = max(1, int(round(n * holdout)))
@@ -266,24 +267,10 @@ def _run(module: nn.Module, xs: list[np.ndarray], batch: int) -> list[torch.Tens
     return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-def _read_data(path: Path, specs: list[TensorSpec]) -> tuple[list[np.ndarray], np.ndarray | None]:
-    if not path.is_file():
-        raise KilnError(f"data file not found: {path}", hint="give an .npz with one array per input name and optional labels")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [s.name for s in specs if s.name not in z.files]
-            if missing:
-                raise KilnError(f"{path} lacks arrays {missing} (it has {sorted(z.files)})",
-                                hint="key each array by its input name: numpy.savez(path, image=..., labels=...)")
-            xs = [np.ascontiguousarray(to_tensor(z[s.name], s).numpy()) for s in specs]
-            labels = z["labels"].astype(np.int64) if "labels" in z.files else None
-    except KilnError:
-        raise
-    except Exception as e:
-        raise KilnError(f"cannot read {path}: {type(e).__name__}: {e}", hint="give a valid .npz") from None
-    if len({len(x) for x in xs} | ({len(labels)} if labels is not None else set())) != 1:
-        raise KilnError(f"{path}: arrays have different lengths", hint="one row per item in every array")
-    return xs, labels
+def _arrays(path: Path, specs: list[TensorSpec]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Inputs (checked against the specs) and integer labels from an .npz, through kiln.data.read_npz."""
+    xs, labels = read_npz(path, specs)
+    return [np.ascontiguousarray(x) for x in xs], labels.astype(np.int64) if labels is not None else None
 
 
 def _load_teacher(text: str, *, weights: str | Path | None, inputs: Sequence[str | TensorSpec] | None) -> _Teacher:
@@ -382,7 +369,7 @@ def _against_teacher(result: BuildResult, t: _Teacher, xs: list[np.ndarray], t_r
 
 def _evaluate(path: Path, t: _Teacher, result: BuildResult) -> dict[str, Any]:
     """Teacher and selected student on data neither trained on (e.g. the test split): accuracy and agreement."""
-    xs, labels = _read_data(path, t.inputs)
+    xs, labels = _arrays(path, t.inputs)
     k = next((i for i, s in enumerate(t.outputs) if is_classifier(s)), None)
     assert result.path is not None
     runner = repository.load(result.path)

@@ -58,11 +58,6 @@ class Recipe:
 
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
 
-    @property
-    def lossy(self) -> bool:
-        """Whether the recipe changes the numbers beyond rounding: low precision or pruning."""
-        return self.precision != "fp32" or self.prune() is not None
-
     def prune(self) -> tuple[str, float] | None:
         for p in self.passes:
             m = _PASS.match(p)

@@ -89,7 +89,6 @@ def test_client_mistakes_are_4xx_with_a_fix(hard: ServerThread, method: str, pat
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     assert message in r.json()["error"], r.json()
     assert httpx.get(f"{hard.url}/v2/health/live", timeout=5).status_code == 200
-    assert "..'" not in r.text or "invalid" in r.text
     index = httpx.post(f"{hard.url}/v2/repository/index", timeout=5).json()
     assert all(m["name"] in ("digits", "encoder", "poison", "slow") for m in index)  # nothing served as '..'
 

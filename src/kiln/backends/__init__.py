@@ -1,6 +1,6 @@
-"""Runtimes as plug-ins: every module of this package that defines `NAME`, `variants`, `export` and `load`
-is a backend (see kiln.backends.common for the contract), and so is every `kiln.backends` entry point of an
-installed distribution. Adding a runtime is adding one module; the planner collects their declarations."""
+"""Runtimes as plug-ins: every module of this package that defines `NAME` is a backend (it must also define
+`RANK`, `variants`, `export` and `load`; see kiln.backends.common), and so is every `kiln.backends` entry point
+of an installed distribution. Adding a runtime is adding one module; the planner collects their declarations."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ from types import ModuleType
 from kiln.errors import KilnError
 
 _CONTRACT = ("NAME", "RANK", "variants", "export", "load")
-_HELPERS = {"common", "cuda"}
 
 
 @cache
 def _discover() -> dict[str, ModuleType]:
     found: list[ModuleType] = []
     for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_") or info.name in _HELPERS:
+        if info.name.startswith("_"):
             continue
-        found.append(importlib.import_module(f"{__name__}.{info.name}"))
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(mod, "NAME"):  # helpers (common, cuda) define no NAME
+            found.append(mod)
     for ep in entry_points(group="kiln.backends"):
         found.append(ep.load())
     out: dict[str, ModuleType] = {}

@@ -210,11 +210,11 @@ class DataPlane:
                 "name": m.name, "version": m.version, "last_inference": s.last_inference_ms,
                 "inference_count": s.inference_count, "execution_count": s.execution_count,
                 # Triton's shape: one compute_input/infer/output per execution, so the three counts are equal (what
-                # perf_analyzer checks); a runtime without a separate phase reports its time as infer.
+                # perf_analyzer checks).
                 "inference_stats": {"success": d(s.success_count, s.success_ns), "fail": d(s.fail_count, s.fail_ns),
                                     "queue": d(s.queue_count, s.queue_ns),
                                     "compute_input": d(s.compute_count, s.compute_input_ns),
-                                    "compute_infer": d(s.compute_count, s.compute_infer_ns or s.compute_ns),
+                                    "compute_infer": d(s.compute_count, s.compute_infer_ns),
                                     "compute_output": d(s.compute_count, s.compute_output_ns),
                                     "cache_hit": d(0, 0), "cache_miss": d(0, 0)},
                 "batch_stats": [{"batch_size": b, "compute_input": d(v[0], 0), "compute_infer": d(v[0], v[1]),
@@ -248,14 +248,18 @@ class DataPlane:
 
     def admit(self, m: ServedModel) -> None:
         """Refuse before decoding anything when the request cannot be queued: a full queue costs no JSON parsing."""
-        if self.draining:
-            raise BadRequest("the server is shutting down; retry against another replica", status=503)
         b = m.batcher
-        if b is not None and b.queue_depth >= b.max_queue_size:
-            self.metrics.request_failure.labels(m.name, m.version, "queue_full").inc()
-            self.metrics.rejections.labels(m.name, m.version, "queue_full").inc()
-            m.stats.fail_count += 1
-            raise BadRequest(f"queue full ({b.max_queue_size} requests waiting); retry after a short wait", status=429)
+        if self.draining:
+            reason, err = "shutting_down", BadRequest("the server is shutting down; retry against another replica", 503)
+        elif b is not None and b.queue_depth >= b.max_queue_size:
+            reason, err = "queue_full", BadRequest(f"queue full ({b.max_queue_size} requests waiting); retry after a "
+                                                   "short wait", 429)
+        else:
+            return
+        self.metrics.request_failure.labels(m.name, m.version, reason).inc()
+        self.metrics.rejections.labels(m.name, m.version, reason).inc()
+        m.stats.fail_count += 1
+        raise err
 
     async def _run(self, m: ServedModel, doc: dict[str, Any], tail: memoryview,
                    timeout_ms: str | None) -> tuple[Decoded, list[np.ndarray]]:
@@ -309,8 +313,8 @@ class DataPlane:
             except (ValueError, TypeError):
                 raise BadRequest(f'instances for input "{s.name}" must be numbers of shape {list(s.shape[1:])}') from None
             inputs.append({"name": s.name, "datatype": DATATYPES[s.dtype], "shape": list(a.shape), "data": a})
-        # Straight to validation and the batcher: no JSON round trip in between.
-        _, outs = await self._observed(m, lambda: self._run(m, {"inputs": inputs}, memoryview(b""), None))
+        # Straight to admission, validation and the batcher (as gRPC goes): no JSON round trip in between.
+        _, _, outs = await self.infer_doc(name, None, {"inputs": inputs}, memoryview(b""))
         if len(outs) == 1:
             return {"predictions": outs[0].tolist()}
         return {"predictions": [{s.name: o[i].tolist() for s, o in zip(m.outputs, outs)} for i in range(len(instances))]}
