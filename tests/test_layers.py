@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("transforms", ("kiln.transforms",)),
     ("backends", ("kiln.backends",)),
     ("repository", ("kiln.repository",)),
-    ("build", ("kiln.verify", "kiln.plan", "kiln.builder", "kiln.distiller", "kiln.bench", "kiln.report", "kiln.profile",
+    ("build", ("kiln.verify", "kiln.selection", "kiln.plan", "kiln.builder", "kiln.distiller", "kiln.bench", "kiln.report", "kiln.profile",
                "kiln.table")),
     ("serve", ("kiln.server", "kiln.predict", "kiln.shards", "kiln.ray")),
     ("cli", ("kiln.cli", "kiln.__main__")),

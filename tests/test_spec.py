@@ -45,3 +45,32 @@ def test_toml(tmp_path: Path) -> None:
     f.write_text("name = ")
     with pytest.raises(KilnError, match="cannot read"):
         load_toml_specs(f)
+
+
+def test_synthetic_masks_are_valid_prefixes_and_token_types_zero() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mask = synthetic(TensorSpec.parse("attention_mask:int64[batch,seq]@0..1"), {"batch": 16, "seq": 12}, rng)
+    lengths = mask.sum(1)
+    assert lengths.min() >= 1 and lengths[0] == 12 and len(set(lengths.tolist())) > 3
+    for row, n in zip(mask, lengths):  # ones, then zeros: what a tokenizer makes
+        assert row[:n].all() and not row[n:].any()
+    types = synthetic(TensorSpec.parse("token_type_ids:int64[batch,seq]@0..1"), {"batch": 4, "seq": 5}, rng)
+    assert not types.any()
+
+
+def test_output_kinds_from_the_command_line_and_toml(tmp_path: Path) -> None:
+    from kiln.errors import KilnError
+    from kiln.spec import load_toml_outputs, parse_output_kind
+
+    assert parse_output_kind("embedding:embedding") == ("embedding", "embedding")
+    with pytest.raises(KilnError, match="cannot parse output kind"):
+        parse_output_kind("embedding:cosine")
+    f = tmp_path / "kiln.toml"
+    f.write_text('[[outputs]]\nname = "emb"\nkind = "embedding"\n')
+    assert load_toml_outputs(f) == {"emb": "embedding"}
+    f.write_text('[[outputs]]\nname = "emb"\nknid = "embedding"\n')
+    with pytest.raises(KilnError, match="needs name and kind"):
+        load_toml_outputs(f)
+    assert TensorSpec.from_dict({"name": "ids", "dtype": "int64", "shape": ["batch", "seq<=512"]}).limits == {"seq": 512}

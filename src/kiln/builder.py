@@ -28,10 +28,11 @@ from kiln.errors import KilnError, Skip
 from kiln.plan import Variant, plan, probe_low_precision
 from kiln.progress import Reporter, Silent
 from kiln.runner import Runner
+from kiln.selection import is_lossy, select
 from kiln.signature import FlatModel, discover_outputs, example_inputs
 from kiln.source import ModelSource, load_module
-from kiln.spec import TensorSpec, load_toml_specs
-from kiln.verify import Budget, compare, judge, to_dict
+from kiln.spec import TensorSpec, load_toml_outputs, load_toml_specs, parse_output_kind
+from kiln.verify import Budget, compare, infer_kind, judge, to_dict
 
 Objective = Literal["latency", "throughput"]
 _STEPS = 4  # per variant: export, load, verify, time
@@ -79,6 +80,8 @@ class BuildResult:
     notes: list[str]
     manifest: dict[str, Any] = field(default_factory=dict)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
+    synthetic: bool = False
 
     def candidate(self, variant: str) -> Candidate:
         return next(c for c in self.candidates if c.variant == variant)
@@ -103,7 +106,8 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
           backend_names: Sequence[str] | None = None, device: str = "cpu", dim_sizes: dict[str, int] | None = None,
           progress: Reporter | None = None, report: bool = True, precision: str = "auto",
           calib: str | Path | None = None, prune: float | None = None,
-          variants: Sequence[str] | None = None) -> BuildResult:
+          variants: Sequence[str] | None = None, outputs: Sequence[str] | dict[str, str] | None = None,
+          prefer: Literal["fastest", "lossless"] = "fastest", max_load_s: float | None = None) -> BuildResult:
     """Build, verify and select; write repo/<name>/<version>/ and return what happened.
 
     >>> result = kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors",
@@ -113,6 +117,8 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
 
     `precision` bounds the search (fp32, fp16, bf16, int8 or auto), `prune` adds pruned variants (a fraction),
     `variants` keeps only variants matching these glob patterns (e.g. ["compile/fp16*", "eager/fp32*"]).
+    `outputs` declares output kinds ({"embedding": "embedding"} or ["embedding:embedding"]); undeclared ones are
+    inferred and said. `prefer="lossless"` keeps an fp32 variant; `max_load_s` rules out variants slower to load.
     The stages, each usable alone: resolve -> plan_variants -> verification data and reference outputs ->
     run_variant (export, load back, verify, time) for each -> select -> write_repository -> report.
     """
@@ -120,6 +126,8 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     budget = budget or Budget()
     if objective not in ("latency", "throughput"):
         raise KilnError(f"unknown objective {objective!r}", hint="use latency or throughput")
+    if prefer not in ("fastest", "lossless"):
+        raise KilnError(f"unknown preference {prefer!r}", hint="use fastest or lossless")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise KilnError(f"bad batch sizes {list(batch_sizes)}", hint="give positive sizes, e.g. --batch 1,32")
     check_build_device(device)
@@ -127,7 +135,7 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     for n in names:
         backends.get(n)
     with _exporters_quiet():
-        res = resolve(source, weights=weights, inputs=inputs, name=name, device=device)
+        res = resolve(source, weights=weights, inputs=inputs, name=name, device=device, outputs=outputs)
         todo = plan(names, precision=precision, device=device, module=res.module, prune=prune, patterns=variants,
                     transformable=res.source.kind == "python", source_kind=res.source.kind)
         int8_static = any(v.recipe.precision == "int8-static" for v in todo)
@@ -139,21 +147,33 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
             left_out = probe_low_precision(res.module, timing_inputs(res.inputs, sizes[-1], verify, dim_sizes or {}))
         prog.start(sum(v.recipe.precision not in left_out for v in todo) * _STEPS)
         prog.note(f"verifying against fp32 {'eager' if res.module is not None else 'onnxruntime'} on {verify.description}")
+        notes = list(res.source.notes)
+        if not verify.from_user:
+            notes.append(SYNTHETIC_WARNING)
+            prog.note(f"warning: {SYNTHETIC_WARNING}")
         ref_out = [[o.numpy(force=True) for o in res.reference(b)] for b in verify.batches]
+        res.outputs = kinds_of(res.outputs, ref_out, notes)
         subject = Subject(res.source, res.module, res.inputs, res.outputs, example_inputs(res.inputs), device)
+        runners: dict[str, Runner] = {}
         with tempfile.TemporaryDirectory(prefix="kiln-build-") as tmp:
             candidates = [
                 Candidate(v.name, v.backend, v.recipe.precision, list(v.recipe.passes), "skipped", left_out[v.recipe.precision])
                 if v.recipe.precision in left_out else
                 run_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out, budget, sizes,
-                            dim_sizes or {}, prog)
+                            dim_sizes or {}, prog, keep=runners)
                 for v in todo
             ]
-            selected = select([c for c in candidates if c.status == "accepted"], objective, sizes)
-            result = BuildResult(res.name, None, None, selected.variant if selected else None, objective, candidates,
-                                 res.inputs, res.outputs, verify.description, sizes, res.source.notes + subject.notes)
+            distrust_orphans(candidates)
+            prog.note("selecting: timing the contenders in alternating rounds")
+            sel = select([c for c in candidates if c.status == "accepted"], objective, sizes, runners=runners,
+                         inputs=lambda b: timing_inputs(res.inputs, b, verify, dim_sizes or {}), prefer=prefer,
+                         max_load_s=max_load_s)
+            runners.clear()
+            result = BuildResult(res.name, None, None, sel.selected, objective, candidates,
+                                 res.inputs, res.outputs, verify.description, sizes, notes + subject.notes + sel.notes,
+                                 selection=sel.to_dict(), synthetic=not verify.from_user)
             result.preprocess = res.preprocess
-            if selected is not None:
+            if sel.selected is not None:
                 write_repository(result, Path(repo), Path(tmp), res.source, budget, device)
     if report and result.path is not None:
         write_report(result)
@@ -169,8 +189,41 @@ def check_build_device(device: str) -> None:
         raise KilnError(f"--device {device} but this machine has no CUDA GPU", hint="build with --device cpu, or on a GPU machine")
 
 
+SYNTHETIC_WARNING = ("verification ran on synthetic inputs (random values, masks as valid prefixes): pass --data "
+                     "with real inputs (.npz keyed by input name) for a check that reflects your traffic")
+
+
+def kinds_of(outputs: list[TensorSpec], ref_out: list[list[np.ndarray]], notes: list[str]) -> list[TensorSpec]:
+    """Every output with its kind: declared ones kept, the rest inferred from name, shape and the reference's
+    values, each inference said in `notes` so a user can correct it."""
+    from dataclasses import replace
+
+    kinded = []
+    for k, spec in enumerate(outputs):
+        if spec.kind:
+            kinded.append(spec)
+            continue
+        kind, why = infer_kind(spec, [b[k] for b in ref_out])
+        notes.append(f"output {spec.name!r} is judged as {kind} ({why}); declare --output {spec.name}:KIND "
+                     f"(logits, embedding, regression, mask, boxes) if it is something else")
+        kinded.append(replace(spec, kind=kind))
+    return kinded
+
+
+def distrust_orphans(candidates: list[Candidate]) -> None:
+    """A lossy variant is not trusted when the exact export it derives from (same backend, fp32) was rejected:
+    its looser budget would hide the export's error."""
+    for c in candidates:
+        if c.status != "accepted" or not is_lossy(c):
+            continue
+        base = [b for b in candidates if b.backend == c.backend and not is_lossy(b) and not b.passes]
+        if base and all(b.status == "rejected" for b in base):
+            c.status = "rejected"
+            c.reason = f"derives from {base[0].variant}, which was rejected ({base[0].reason})"
+
+
 def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[str | TensorSpec] | None = None,
-            name: str | None = None, device: str = "cpu") -> Resolved:
+            name: str | None = None, device: str = "cpu", outputs: Sequence[str] | dict[str, str] | None = None) -> Resolved:
     """Stage 1: parse and load the source, find its input specs, discover its outputs, make the fp32 reference."""
     src = ModelSource.parse(source, weights=weights)
     in_specs, toml_name, preprocess = _input_specs(src, inputs)
@@ -182,7 +235,7 @@ def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[
         graph_in, out_specs = ortb.signature(src.path)
         in_specs = _merge_onnx_inputs(graph_in, in_specs)
         ref = _onnx_reference(ortb.session(src.path), in_specs, out_specs)
-        return Resolved(src, model_name, None, in_specs, out_specs, ref, preprocess)
+        return Resolved(src, model_name, None, in_specs, _declare_kinds(src, out_specs, outputs), ref, preprocess)
     module = load_module(src)
     if not in_specs:
         args = _forward_arguments(module)
@@ -197,7 +250,26 @@ def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[
         raise KilnError(f"running the model imported {e.name!r}, which is not installed or not in the model's folder",
                         hint="import every module at the top of the model file (kiln copies the model's folder "
                              "modules it imports into the artifact), or install the package") from None
+    out_specs = _declare_kinds(src, out_specs, outputs)
     return Resolved(src, model_name, module, in_specs, out_specs, _eager_reference(module, device), preprocess)
+
+
+def _declare_kinds(src: ModelSource, specs: list[TensorSpec], given: Sequence[str] | dict[str, str] | None) -> list[TensorSpec]:
+    """Output kinds from kiln.toml's [[outputs]], overridden by --output NAME:KIND."""
+    from dataclasses import replace
+
+    toml = src.path.parent / "kiln.toml" if src.path is not None else None
+    kinds = load_toml_outputs(toml) if toml is not None and toml.is_file() else {}
+    if isinstance(given, dict):
+        kinds.update({n: parse_output_kind(f"{n}:{k}")[1] for n, k in given.items()})
+    else:
+        kinds.update(dict(parse_output_kind(t) for t in given or ()))
+    names = [s.name for s in specs]
+    unknown = [n for n in kinds if n not in names]
+    if unknown:
+        raise KilnError(f"output kind declared for {unknown}, but the model's outputs are {names}",
+                        hint="use the output names kiln prints (dict keys, or output / output0, output1 ...)")
+    return [replace(s, kind=kinds.get(s.name, s.kind)) for s in specs]
 
 
 def _forward_arguments(module: torch.nn.Module) -> list[str]:
@@ -208,15 +280,6 @@ def _forward_arguments(module: torch.nn.Module) -> list[str]:
     except (TypeError, ValueError):
         return []
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def select(accepted: list[Candidate], objective: Objective, sizes: list[int]) -> Candidate | None:
-    """Stage 5: the fastest accepted variant for the objective."""
-    if not accepted:
-        return None
-    if objective == "latency":
-        return min(accepted, key=lambda c: c.timing(sizes[0]).p50_ms)  # type: ignore[union-attr]
-    return max(accepted, key=lambda c: c.timing(sizes[-1]).items_per_s)  # type: ignore[union-attr]
 
 
 def write_repository(result: BuildResult, repo: Path, staged: Path, src: ModelSource, budget: Budget, device: str) -> None:
@@ -242,8 +305,8 @@ def write_report(result: BuildResult) -> Path:
 
 
 def run_variant(variant: Variant, subject: Subject, staged: Path, verify: VerifyData,
-                 ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
-                prog: Reporter) -> Candidate:
+                ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
+                prog: Reporter, keep: dict[str, Runner] | None = None) -> Candidate:
     """Stage 4, for one variant: export into `staged`, load it back from its files, verify it, time it."""
     backend = backends.get(variant.backend)
     recipe = variant.recipe
@@ -289,6 +352,8 @@ def run_variant(variant: Variant, subject: Subject, staged: Path, verify: Verify
         if cuda:
             c.peak_gpu_mb = (torch.cuda.max_memory_allocated(subject.device) - mem0) / 2**20
         c.status, c.reason = ("rejected", "; ".join(problems)) if problems else ("accepted", "")
+        if keep is not None and c.status == "accepted":  # selection times the contenders again, side by side
+            keep[c.variant] = runner
     except Skip as e:
         c.status, c.reason = "skipped", str(e)
     except KilnError as e:
@@ -376,7 +441,8 @@ def _manifest(r: BuildResult, src: ModelSource, budget: Budget, device: str) -> 
         "selected": r.selected,
         "objective": r.objective,
         "batch_sizes": r.batch_sizes,
-        "verification": {"data": r.verification, "budget": asdict(budget)},
+        "verification": {"data": r.verification, "synthetic": r.synthetic, "budget": asdict(budget)},
+        "selection": r.selection,
         "candidates": [c.to_dict() for c in r.candidates],
         "notes": r.notes,
         "preprocess": r.preprocess,

@@ -99,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--int8-min-cosine", type=float, default=0.99,
                    help="int8 and pruned budget: minimum cosine (default: 0.99)")
     b.add_argument("--int8-min-top1", type=float, default=0.97, help="int8 budget: minimum top-1 agreement (default: 0.97)")
+    b.add_argument("--output", action="append", dest="outputs", default=[], metavar="NAME:KIND",
+                   help="what an output is, which decides how it is verified: logits, embedding, regression, mask or "
+                        "boxes (repeatable; default: inferred, and the inference is printed)")
+    b.add_argument("--prefer", choices=("fastest", "lossless"), default="fastest",
+                   help="fastest: a lossy variant (int8, fp16/bf16, pruned) wins when it beats the best fp32 one by more "
+                        "than the measured noise; lossless: keep an fp32 variant (default: fastest)")
+    b.add_argument("--max-load-s", type=float, metavar="S",
+                   help="never select a variant that takes longer than this to load (torch.compile variants take minutes)")
     b.add_argument("--batch", default="1,32", help="batch sizes to time, comma-separated (default: 1,32)")
     b.add_argument("--objective", choices=("latency", "throughput"), default="latency",
                    help="latency: lowest p50 at the smallest batch; throughput: most items/s at the largest")
@@ -122,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue-size", type=int, help="waiting requests beyond this get 429")
     s.add_argument("--timeout-ms", type=float, help="default request deadline (504 after it)")
     s.add_argument("--instances", type=int, help="model instances per device")
+    s.add_argument("--shadow-rate", type=float, metavar="FRACTION",
+                   help="drift watch: also run this fraction of requests (e.g. 0.01) through the fp32 reference "
+                        "variant, off the hot path; agreement by output kind in /metrics and /v2/models/M/fidelity")
     s.add_argument("--device", action="append", dest="devices", help="cpu, cuda:0 ... (repeat for one instance set per GPU)")
     s.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
                    help="require Authorization: Bearer KEY on all but health (default: $KILN_API_KEY)")
@@ -291,8 +302,8 @@ def _build(args: argparse.Namespace) -> int:
         budget=Budget(tolerance=args.tolerance, min_cosine=args.min_cosine, int8_min_cosine=args.int8_min_cosine,
                       int8_min_top1_agreement=args.int8_min_top1, half_min_cosine=args.half_min_cosine),
         precision=args.precision, calib=args.calib, prune=args.prune,
-        variants=args.variants.split(",") if args.variants else None,
-        batch_sizes=_int_list(args.batch, "--batch"), objective=args.objective,
+        variants=args.variants.split(",") if args.variants else None, outputs=args.outputs, prefer=args.prefer,
+        max_load_s=args.max_load_s, batch_sizes=_int_list(args.batch, "--batch"), objective=args.objective,
         backend_names=args.backends.split(",") if args.backends else None, device=args.device,
         dim_sizes=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),
     )
@@ -306,7 +317,9 @@ def _build(args: argparse.Namespace) -> int:
         print("error: no variant passed verification, nothing was written", file=sys.stderr)
         print("  hint: look at the reasons above; loosen --tolerance only if the errors are acceptable", file=sys.stderr)
         return 1
-    console.print(f"selected [bold]{result.selected}[/bold] ({result.objective}) -> {result.path}", highlight=False)
+    margin = result.selection.get("margin")
+    why = f", {margin:.0%} ahead of the next" if margin is not None else ""
+    console.print(f"selected [bold]{result.selected}[/bold] ({result.objective}{why}) -> {result.path}", highlight=False)
     console.print(f"report: {result.path / 'report.html'}", highlight=False)  # type: ignore[operator]
     return 0
 
@@ -346,6 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "max_queue_size": args.max_queue_size,
         "timeout_ms": args.timeout_ms, "instances": args.instances, "devices": args.devices,
+        "shadow_rate": args.shadow_rate,
         "preferred_batch_sizes": _int_list(args.preferred_batch_sizes, "--preferred-batch-sizes") if args.preferred_batch_sizes else None,
     }
     if args.ray is not None:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kiln.verify import headline
+
 
 def from_manifest(m: dict[str, Any]) -> dict[str, Any]:
     """Report data from a build manifest (timings at the build's batch sizes)."""
@@ -28,6 +30,7 @@ def from_manifest(m: dict[str, Any]) -> dict[str, Any]:
         "environment": {**m.get("device", {}), **{f"lib {k}": v for k, v in m.get("libraries", {}).items()}},
         "notes": m.get("notes", []),
         "distill": _distill_points(m),
+        "selection": m.get("selection", {}),
     }
 
 
@@ -67,9 +70,34 @@ def summarize_accuracy(checks: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("top1_agreement", "accuracy", "reference_accuracy"):
         if first.get(k) is not None:
             out[k] = first[k]
+    # Per output, the metric its kind is judged by: "embedding (embedding): row cos 0.9921"
+    out["by_kind"] = [f"{c['name']} ({c.get('kind', '?')}): {h[0]} {h[1]:.2%}" if h[0] in ("top-1", "pixels")
+                      else f"{c['name']} ({c.get('kind', '?')}): {h[0]} {h[1]:.4f}"
+                      for c in checks if (h := headline(c)) is not None]
     if "accuracy" in out and "reference_accuracy" in out:
         out["accuracy_delta"] = out["accuracy"] - out["reference_accuracy"]
     return out
+
+
+def _selection(sel: dict[str, Any]) -> str:
+    """How the selected variant won: the alternating rounds, the measured noise and the margin."""
+    if not sel.get("selected"):
+        return ""
+    e = html.escape
+    unit = "ms" if sel.get("metric") == "p50_ms" else "ms per item"
+    rows = "".join(
+        f'<tr><td class="name">{e(v)}</td><td class="num">{next(iter(c.values())):.4g}</td>'
+        f'<td class="num">{c.get("cv", 0):.1%}</td><td>{"lossy" if c.get("lossy") else "lossless"}</td></tr>'
+        for v, c in sel.get("contenders", {}).items())
+    margin = sel.get("margin")
+    text = (f"<p><b>{e(sel['selected'])}</b> was selected at batch {sel.get('batch')}"
+            + (f", {margin:.1%} ahead of the runner-up" if margin is not None else "")
+            + f". Contenders were timed in {sel.get('rounds', 0)} alternating rounds; measured noise "
+            f"{sel.get('noise', 0):.1%}; a lossy variant must win by more than {sel.get('required_margin', 0):.1%}.</p>")
+    notes = "".join(f"<li>{e(n)}</li>" for n in sel.get("notes", []))
+    table = (f'<table><thead><tr><th>contender</th><th>median {unit}</th><th>spread (cv)</th><th></th></tr></thead>'
+             f"<tbody>{rows}</tbody></table>") if rows else ""
+    return f'<section id="selection"><h2>Selection</h2>{text}{table}{"<ul>" + notes + "</ul>" if notes else ""}</section>'
 
 
 def _spec(d: dict[str, Any]) -> str:
@@ -118,7 +146,7 @@ def render(data: dict[str, Any]) -> str:
             f'<td class="num">{_fmt(size / 1e6 if size else None, ".2f")}</td>'
             f'<td class="num">{_fmt(acc.get("max_rel_err"), ".1e")}</td>'
             f'<td class="num">{_fmt(acc.get("cosine"), ".6f")}</td>'
-            f'<td class="num">{_fmt(acc.get("top1_agreement"), ".2%")}</td>'
+            f'<td class="kinds">{"<br>".join(e(k) for k in acc.get("by_kind", [])) or "&ndash;"}</td>'
             f'<td class="num">{accuracy}</td></tr>')
     env = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in data.get("environment", {}).items())
     notes = "".join(f"<li>{e(n)}</li>" for n in dict.fromkeys(data.get("notes", []) + [n for v in data["variants"] for n in v.get("notes", [])]))
@@ -131,7 +159,7 @@ def render(data: dict[str, Any]) -> str:
         title=e(f"kiln report: {data['title']}"), heading=e(data["title"]), kind=e(data.get("kind", "")),
         selected=e(str(data.get("selected") or "none")), meta=meta_html, rows="".join(rows), env=env,
         notes=f"<section><h2>Notes</h2><ul>{notes}</ul></section>" if notes else "", small=small, large=large,
-        payload=payload, css=_CSS, js=_JS,
+        payload=payload, css=_CSS, js=_JS, selection=_selection(data.get("selection") or {}),
         distill_figure='<figure><figcaption>Teacher and student: accuracy against latency</figcaption>'
                        '<div id="distill"></div></figure>' if data.get("distill") else "")
 
@@ -158,7 +186,7 @@ td.name{font-family:ui-monospace,Menlo,monospace;white-space:nowrap}tr[data-stat
 .badge{display:inline-block;font-size:11px;border-radius:4px;padding:1px 7px;font-weight:600}
 .accepted{background:#e3f6ea;color:#0f6b35}.rejected{background:#fff4d6;color:#8a5a00}.skipped{background:#eef0f4;color:#586174}
 .failed{background:#fde8e8;color:#a11a1a}.selected{background:var(--accent);color:#fff}
-.reason{font-size:12px;color:var(--muted);margin-top:3px;max-width:520px}
+td.kinds{font-size:12px;white-space:nowrap}.reason{font-size:12px;color:var(--muted);margin-top:3px;max-width:520px}
 .env th{width:200px}.empty{color:var(--muted);font-style:italic;padding:30px 0;text-align:center}
 """
 
@@ -231,7 +259,8 @@ _PAGE = """<!doctype html>
 </div></section>
 <section><h2>Variants</h2><table id="variants"><thead><tr><th>variant</th><th>status / reason</th>
 <th>p50 ms @{small}</th><th>p99 ms @{small}</th><th>items/s @{large}</th><th>memory MB</th><th>load s</th><th>size MB</th>
-<th>max rel err</th><th>cosine</th><th>top-1 agree</th><th>accuracy (&Delta;)</th></tr></thead><tbody>{rows}</tbody></table></section>
+<th>max rel err</th><th>cosine</th><th>agreement, by output kind</th><th>accuracy (&Delta;)</th></tr></thead><tbody>{rows}</tbody></table></section>
+{selection}
 {notes}
 <section><h2>Environment</h2><table class="env">{env}</table></section>
 </main>

@@ -31,6 +31,7 @@ _SPEC_RE = re.compile(
 )
 
 Dim = int | str
+OUTPUT_KINDS = ("logits", "embedding", "regression", "mask", "boxes")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class TensorSpec:
     value_range: tuple[int, int] | None = field(default=None, compare=False)
     # The largest size a dynamic dim may take (`seq<=512`: a model's position table), enforced by the server.
     dim_max: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+    # What an output is (logits, embedding, regression, mask, boxes): how verification and drift watch judge it.
+    kind: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -55,6 +58,8 @@ class TensorSpec:
                 f"unknown dtype {self.dtype!r} for tensor {self.name!r}",
                 hint=f"use one of {', '.join(DTYPES)}",
             )
+        if self.kind is not None and self.kind not in OUTPUT_KINDS:
+            raise KilnError(f"unknown output kind {self.kind!r} for {self.name!r}", hint=f"use one of {', '.join(OUTPUT_KINDS)}")
 
     @classmethod
     def parse(cls, text: str) -> TensorSpec:
@@ -110,15 +115,26 @@ class TensorSpec:
             d["range"] = list(self.value_range)
         if self.dim_max:
             d["max"] = dict(self.dim_max)
+        if self.kind:
+            d["kind"] = self.kind
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         try:
             rng = d.get("range")
-            most = d.get("max") or {}
-            return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), (int(rng[0]), int(rng[1])) if rng else None,
-                       tuple((str(k), int(v)) for k, v in most.items()))
+            most = dict(d.get("max") or {})
+            shape: list[Dim] = []
+            for dim in d["shape"]:  # "seq<=512" in a kiln.toml shape names the dim and its largest size
+                if isinstance(dim, str) and "<=" in dim:
+                    name, _, cap = dim.partition("<=")
+                    if not cap.strip().isdigit():
+                        raise KilnError(f"bad dim limit {dim!r} in {d!r}", hint="write NAME<=N, e.g. seq<=512")
+                    most[name.strip()] = int(cap)
+                    dim = name.strip()
+                shape.append(dim)
+            return cls(str(d["name"]), str(d["dtype"]), tuple(shape), (int(rng[0]), int(rng[1])) if rng else None,
+                       tuple((str(k), int(v)) for k, v in most.items()), d.get("kind"))
         except (KeyError, TypeError) as e:
             raise KilnError(
                 f"invalid tensor spec {d!r}: {e}",
@@ -162,6 +178,29 @@ def load_toml_specs(path: Path) -> tuple[str | None, list[TensorSpec]]:
 
 _TOML_KEYS = ("name", "inputs", "outputs", "preprocess")
 _INPUT_KEYS = ("name", "dtype", "shape", "range", "max")
+_OUTPUT_KEYS = ("name", "kind")
+
+
+def load_toml_outputs(path: Path) -> dict[str, str]:
+    """The output kinds a kiln.toml declares: `[[outputs]]` tables with name and kind."""
+    doc = tomllib.loads(path.read_text())
+    kinds = {}
+    for i, table in enumerate(doc.get("outputs", [])):
+        where = f"{path} [[outputs]] #{i + 1}"
+        if not isinstance(table, dict) or "name" not in table or "kind" not in table:
+            raise KilnError(f"{where}: needs name and kind", hint='write name = "embedding", kind = "embedding"')
+        _check_keys(table, _OUTPUT_KEYS, where)
+        kinds[str(table["name"])] = parse_output_kind(f"{table['name']}:{table['kind']}")[1]
+    return kinds
+
+
+def parse_output_kind(text: str) -> tuple[str, str]:
+    """`NAME:KIND` (--output) -> (name, kind)."""
+    name, sep, kind = text.strip().rpartition(":")
+    if not sep or not name or kind not in OUTPUT_KINDS:
+        raise KilnError(f"cannot parse output kind {text!r}",
+                        hint=f"write NAME:KIND with KIND one of {', '.join(OUTPUT_KINDS)}, e.g. embedding:embedding")
+    return name, kind
 
 
 def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -203,9 +242,23 @@ def example_sizes(specs: list[TensorSpec], *, scale: int = 0) -> dict[str, int]:
     return {n: EXAMPLE_SIZES[(i + scale) % len(EXAMPLE_SIZES)] for i, n in enumerate(names)}
 
 
+def is_mask_input(spec: TensorSpec) -> bool:
+    """An input named like an attention/padding mask, with a batch and a sequence dim."""
+    return "mask" in spec.name.lower() and len(spec.shape) >= 2
+
+
 def synthetic(spec: TensorSpec, sizes: dict[str, int], rng: np.random.Generator) -> np.ndarray:
-    """A random array for `spec`: standard normal for floats, uniform in the value range for ints."""
+    """A random array for `spec`: standard normal for floats, uniform in the value range for ints; a mask
+    (`attention_mask`) gets what a tokenizer makes, a valid prefix of ones per row, and token type ids zeros."""
     shape = spec.concrete_shape(sizes)
+    if is_mask_input(spec):
+        lengths = rng.integers(1, shape[1] + 1, size=shape[0])
+        lengths[0] = shape[1]  # one full row: every position is used at least once
+        keep = np.arange(shape[1])[None, :] < lengths[:, None]
+        return np.broadcast_to(keep.reshape(keep.shape + (1,) * (len(shape) - 2)), shape).astype(
+            np.float32 if spec.dtype == "bfloat16" else spec.dtype)
+    if "token_type" in spec.name.lower() and not spec.torch_dtype.is_floating_point:
+        return np.zeros(shape, spec.dtype)
     if spec.dtype == "bool":
         return rng.random(shape) < 0.5
     if spec.torch_dtype.is_floating_point:

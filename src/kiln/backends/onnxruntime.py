@@ -92,9 +92,12 @@ def write_onnx(subject: Subject, directory: Path, recipe: Recipe) -> dict[str, A
         return {"file": FILE, "exporter": "legacy"}
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            torch.onnx.export(FlatModel(module).eval(), tuple(subject.examples), str(out), dynamo=True,
-                              dynamic_shapes=torch_dynamic_shapes(subject.inputs), input_names=names_in,
-                              output_names=names_out, external_data=big, optimize=True)
+            program = torch.onnx.export(FlatModel(module).eval(), tuple(subject.examples), dynamo=True,
+                                        dynamic_shapes=torch_dynamic_shapes(subject.inputs), input_names=names_in,
+                                        optimize=True)
+            assert program is not None  # no file given: export returns the program
+            name_outputs(program.model.graph, names_out)
+            program.save(str(out), external_data=big)
     except Exception as e:
         text = f"{type(e).__name__} {e}"
         if "data-dependent" in text or "GuardOnDataDependentSymNode" in text or "data dependent" in text:
@@ -104,6 +107,27 @@ def write_onnx(subject: Subject, directory: Path, recipe: Recipe) -> dict[str, A
                         hint="see the torch.onnx docs for unsupported operators") from None
     return {"file": FILE, "exporter": "dynamo"}
 
+
+
+def name_outputs(graph: Any, names: list[str]) -> None:
+    """Give the graph's outputs kiln's names. The exporter's own `output_names` can make an invalid model: it
+    names values after their op (`embedding` for aten.embedding), so an output called `embedding` would be
+    defined twice; here a clashing inner value is renamed first."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    values = [*graph.inputs, *graph.initializers.values(), *(o for n in RecursiveGraphIterator(graph) for o in n.outputs)]
+    taken = {v.name: v for v in values if v.name}
+    for value, want in zip(graph.outputs, names):
+        other = taken.get(want)
+        if other is not None and other is not value:
+            k = 1
+            while f"{want}__{k}" in taken:
+                k += 1
+            other.name = f"{want}__{k}"
+            taken[other.name] = other
+        taken.pop(value.name, None)
+        value.name = want
+        taken[want] = value
 
 
 def session(path: Path, *, device: str = "cpu", threads: int = 0, profile_prefix: str | None = None) -> Any:

@@ -160,6 +160,12 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
     async def model_stats(model: str, version: str | None = None) -> Response:
         return _json(plane.statistics(model, version))
 
+    @app.get("/v2/models/{model}/fidelity", tags=["statistics"])
+    @app.get("/v2/models/{model}/versions/{version}/fidelity", tags=["statistics"])
+    async def model_fidelity(model: str, version: str | None = None) -> Response:
+        """Drift watch (--shadow-rate): the served variant against the fp32 reference on sampled live requests."""
+        return _json(plane.fidelity(model, version))
+
     @app.post("/v2/models/{model}/infer", tags=["inference"], openapi_extra=_INFER_BODY)
     @app.post("/v2/models/{model}/versions/{version}/infer", tags=["inference"], openapi_extra=_INFER_BODY)
     async def infer(request: Request, model: str, version: str | None = None) -> Response:

@@ -37,6 +37,8 @@ class ModelConfig(BaseModel):
     """Serve this variant instead of the selected one."""
     allow_nonfinite: bool = False
     """Accept NaN/inf in float inputs (refused with 400 by default)."""
+    shadow_rate: float = Field(0.0, ge=0, le=1)
+    """Drift watch: this fraction of requests also runs through the fp32 reference variant, off the hot path."""
 
     @field_validator("devices")
     @classmethod

@@ -89,6 +89,8 @@ class DataPlane:
             version_dir, manifest = repository.resolve(path)
             served = self.model_factory(name, version_dir, manifest, config, observer=self.metrics.observe_batch)
             await asyncio.to_thread(served.load)  # load and warm up without blocking the event loop
+            if config.shadow_rate > 0:
+                await self._watch(served, version_dir, manifest, config.shadow_rate)
         except KilnError as e:
             self.errors[name] = e.message
             raise
@@ -102,6 +104,28 @@ class DataPlane:
         if old is not None:
             await old.stop(drain_s=self.drain_s)
         return served
+
+    async def _watch(self, served: ServedModel, version_dir: Path, manifest: dict[str, Any], rate: float) -> None:
+        """Drift watch beside a served model (in this process: Ray replicas run their own models)."""
+        from kiln.server.fidelity import DriftWatch
+
+        if not isinstance(served, ServedModel):
+            log.warning("drift watch (--shadow-rate) is not available for %s on Ray; it runs with kiln serve", served.name)
+            return
+        watch = DriftWatch(served.name, version_dir, manifest, served.variant, rate, metrics=self.metrics)
+        await asyncio.to_thread(watch.load)
+        if watch.active:
+            served.watch = watch
+            print(f"kiln serve: drift watch on {served.name}: {rate:.2%} of requests also run through "
+                  f"{watch.reference}", file=sys.stderr, flush=True)
+
+    def fidelity(self, name: str, version: str | None) -> dict[str, Any]:
+        m = self.get(name, version)
+        if m.watch is None:
+            raise BadRequest(f"drift watch is off for {name!r}: start kiln serve with --shadow-rate 0.01 (or set "
+                             f"shadow_rate in {self.repo / name / 'config.toml'})", status=404)
+        report: dict[str, Any] = m.watch.report()
+        return report
 
     async def unload(self, name: str) -> None:
         served = self.models.pop(_url_name(name), None)

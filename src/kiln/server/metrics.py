@@ -36,6 +36,13 @@ class Metrics:
         self.loop_lag = Histogram("kiln_event_loop_lag_seconds", "How late the server's event loop woke up from a "
                                   f"{LAG_INTERVAL_S * 1e3:.0f} ms sleep: a stall here delays every request",
                                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0), registry=r)
+        self.shadow_samples = Counter("kiln_shadow_samples", "Requests drift watch compared with the fp32 reference",
+                                      ("model",), registry=r)
+        self.shadow_dropped = Counter("kiln_shadow_dropped", "Sampled requests drift watch dropped (its queue was full)",
+                                      ("model",), registry=r)
+        self.fidelity = Gauge("kiln_fidelity", "Served variant against the fp32 reference over recent sampled requests "
+                              "(metric: cosine, top1_agreement, row_cosine_mean, max_rel_err ...)",
+                              ("model", "output", "metric"), registry=r)
         self.rejections = Counter("kiln_rejections", "Requests refused before running (queue full, expired, shutting down)",
                                   (*_LABELS, "reason"), registry=r)
 

@@ -62,6 +62,7 @@ class ServedModel:
         self._pool: ThreadPoolExecutor | None = None
         self._observer = observer
         self.batcher: Batcher | None = None
+        self.watch: Any = None  # kiln.server.fidelity.DriftWatch when --shadow-rate is set
 
     def describe(self) -> str:
         return f"{len(self.runners)} instance(s)"
@@ -105,6 +106,8 @@ class ServedModel:
 
     async def stop(self, *, drain_s: float = 30.0) -> None:
         self.ready = False
+        if self.watch is not None:
+            self.watch.stop()
         if self.batcher is not None:
             await self.batcher.stop(drain_s=drain_s)
         if self._pool is not None:
@@ -113,8 +116,11 @@ class ServedModel:
     async def infer(self, req: Decoded, *, timeout_s: float | None) -> list[np.ndarray]:
         assert self.batcher is not None
         key = tuple(a.shape[1:] for a in req.arrays) if self.batched else None
-        return await self.batcher.submit(req.arrays, rows=req.rows, key=key,
-                                         timeout_s=timeout_s or self.config.timeout_ms / 1e3)
+        out = await self.batcher.submit(req.arrays, rows=req.rows, key=key,
+                                        timeout_s=timeout_s or self.config.timeout_ms / 1e3)
+        if self.watch is not None:
+            self.watch.offer(req.arrays, out)
+        return out
 
     async def _run_batch(self, payloads: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         assert self._free is not None and self._pool is not None
