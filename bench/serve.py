@@ -1,13 +1,20 @@
-"""Serving benchmark: kiln serve against a hand-written FastAPI + TorchScript baseline, in one run.
+"""Serving benchmark: kiln serve against Triton and a hand-written FastAPI + TorchScript server, in one run.
 
-    .venv/bin/python bench/serve.py                 # all three models (about 6 minutes on 2 cores)
-    .venv/bin/python bench/serve.py --quick         # fewer requests
+    .venv/bin/python bench/serve.py                                    # kiln and the hand-written baseline
+    .venv/bin/python bench/serve.py --triton-python .venv-triton/bin/python   # + Triton as a peer
+    .venv/bin/python bench/serve.py --quick                            # fewer requests
 
-Models: (a) digits (1x8x8), (b) a tiny conv net on 3x32x32, (c) a mid-size conv net on 3x128x128.
-Each server runs in its own process; this process is the load generator: `concurrency` keep-alive
-connections send a fixed number of requests as fast as answers come back. Both servers run without
-access logs. The baseline (bench/baseline_app.py) parses JSON with `await request.json()` and numpy,
-which measured faster here than its pydantic `list[float]` endpoint (453 vs 321 req/s on (b) at c=8). Prints req/s, p50, p99 and kiln's average batch size; writes JSON with --out.
+Triton: `tritonserver` and its python backend ship inside the `nvidia-pytriton` wheel, which pins numpy<2 and so
+lives in its own environment: `python3 -m venv .venv-triton && .venv-triton/bin/pip install nvidia-pytriton
+torch==2.13.0`. Triton serves the same TorchScript file through a python-backend model (bench/triton_model.py)
+with dynamic batching (max 8, 5 ms window) and one CPU instance, on HTTP and gRPC.
+
+Models: (b) tiny, a small conv net on 3x32x32 (the issue's figure); optionally (a) digits and (c) mid, a mid-size conv
+net on 3x128x128 (--models a,b,c). Each server runs in its own process; this process is the load generator:
+`concurrency` keep-alive connections send requests as fast as answers come back (raw HTTP/1.1 over asyncio, and
+grpc.aio with tritonclient's protos). CPU seconds per 1,000 requests are the server's process tree's (utime+stime
+from /proc), so Triton's python-backend stub counts. kiln serves the variant its build selected; `kiln+shadow` is
+the same with drift watch at --shadow-rate 0.01. Prints one table: req/s, p50, p99, max, CPU s per 1,000 requests.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -73,6 +81,8 @@ class Result:
     req_per_s: float
     p50_ms: float
     p99_ms: float
+    max_ms: float
+    cpu_s_per_1k: float | None
     avg_batch: float | None
 
 
@@ -162,39 +172,139 @@ def kiln_stats(url: str, model: str) -> tuple[int, int]:
     return s["inference_count"], s["execution_count"]
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its descendants (Triton's python-backend stubs), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick)
+    tree, total, grew = {pid}, 0.0, True
+    while grew:
+        more = {p for p, (pp, _) in stats.items() if pp in tree} - tree
+        grew = bool(more)
+        tree |= more
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
+
+
 def measure(name: str, server: str, url: str, port: int, path: str, x_rows: list[np.ndarray], binary: bool,
-            concurrency: int, total: int, model: str | None) -> Result:
-    reqs = [request_bytes(path, x, binary) for x in x_rows]
-    drive(port, reqs, min(200, total), concurrency)  # warm-up
+            concurrency: int, total: int, model: str | None, pid: int, grpc_port: int | None = None) -> Result:
+    if grpc_port is not None:
+        run = lambda n: drive_grpc(grpc_port, name, x_rows, n, concurrency)  # noqa: E731
+    else:
+        reqs = [request_bytes(path, x, binary) for x in x_rows]
+        run = lambda n: drive(port, reqs, n, concurrency)  # noqa: E731
+    run(min(200, total))  # warm-up
     before = kiln_stats(url, model) if model else None
-    wall, lat, errors = drive(port, reqs, total, concurrency)
+    cpu0 = cpu_seconds(pid)
+    wall, lat, errors = run(total)
+    cpu = cpu_seconds(pid) - cpu0
     avg = None
     if model and before:
         after = kiln_stats(url, model)
         avg = (after[0] - before[0]) / max(1, after[1] - before[1])
     lat.sort()
-    return Result(name, "binary" if binary else "json", concurrency, server, len(lat), errors, len(lat) / wall,
-                  statistics.median(lat) * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, avg)
+    body = "grpc" if grpc_port is not None else "binary" if binary else "json"
+    return Result(name, body, concurrency, server, len(lat), errors, len(lat) / wall, statistics.median(lat) * 1e3,
+                  lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, lat[-1] * 1e3, cpu / len(lat) * 1e3, avg)
+
+
+async def _drive_grpc(port: int, model: str, xs: list[np.ndarray], total: int, concurrency: int) -> tuple[float, list[float], int]:
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    reqs = []
+    for x in xs:
+        r = service_pb2.ModelInferRequest(model_name=model)
+        t = r.inputs.add(name="image", datatype="FP32", shape=list(x.shape))
+        del t
+        r.raw_input_contents.append(x.astype("<f4").tobytes())
+        reqs.append(r)
+    counter, lat, errors = [0], [], [0]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        async def client() -> None:
+            i = 0
+            while counter[0] < total:
+                counter[0] += 1
+                t0 = time.perf_counter()
+                try:
+                    await stub.ModelInfer(reqs[i % len(reqs)])
+                except grpc.aio.AioRpcError:
+                    errors[0] += 1
+                lat.append(time.perf_counter() - t0)
+                i += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - t0, lat, errors[0]
+
+
+def drive_grpc(port: int, model: str, xs: list[np.ndarray], total: int, concurrency: int) -> tuple[float, list[float], int]:
+    return asyncio.run(_drive_grpc(port, model, xs, total, concurrency))
+
+
+_TRITON_CONFIG = """backend: "python"
+max_batch_size: 8
+input [{{ name: "image", data_type: TYPE_FP32, dims: [{dims}] }}]
+output [{{ name: "output", data_type: TYPE_FP32, dims: [10] }}]
+dynamic_batching {{ max_queue_delay_microseconds: 5000 }}
+instance_group [{{ kind: KIND_CPU, count: 1 }}]
+"""
+
+
+def start_triton(python: str, work: Path, name: str, shape: tuple[int, ...], ts: Path, http: int, grpc: int) -> subprocess.Popen[bytes]:
+    """Triton from the nvidia-pytriton wheel of another environment, serving `ts` through the python backend."""
+    site = subprocess.run([python, "-c", "import pytriton, os; print(os.path.dirname(os.path.dirname(pytriton.__file__)))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dist = work / "tritonserver"
+    if not dist.exists():
+        shutil.copytree(Path(site) / "pytriton" / "tritonserver", dist, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        v = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        shutil.copy(Path(site) / "pytriton" / "tritonserver" / "python_backend_stubs" / v / "triton_python_backend_stub",
+                    dist / "backends" / "python")
+    repo = work / f"triton-{name}"
+    (repo / name / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "bench" / "triton_model.py", repo / name / "1" / "model.py")
+    (repo / name / "config.pbtxt").write_text(_TRITON_CONFIG.format(dims=", ".join(map(str, shape))))
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{site}/nvidia_pytriton.libs", "KILN_PEER_MODEL": str(ts),
+           "PATH": f"{Path(python).parent}:{os.environ['PATH']}"}
+    return subprocess.Popen([str(dist / "bin" / "tritonserver"), "--model-repository", str(repo), "--backend-directory",
+                             str(dist / "backends"), "--http-port", str(http), "--grpc-port", str(grpc),
+                             "--metrics-port", str(free_port()), "--log-info", "false"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+LOADS = (("json", 1), ("json", 8), ("json", 64), ("binary", 1), ("binary", 64), ("grpc", 64))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
-    p.add_argument("--models", default="a,b,c", help="subset of a,b,c")
+    p.add_argument("--models", default="b", help="subset of a,b,c (default: b, the tiny conv net)")
+    p.add_argument("--triton-python", help="python of an environment with nvidia-pytriton: adds Triton as a peer")
+    p.add_argument("--requests", type=int, default=20_000, help="requests per load at c>1 (default: 20,000)")
     p.add_argument("--out", help="write every result as JSON here")
     args = p.parse_args()
     scale = 0.25 if args.quick else 1.0
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-serve-"))
     repo = work / "models"
     torch.manual_seed(0)
-    specs = {"a": ("digits", None, (1, 8, 8), {"max_batch_size": 32, "max_delay_ms": 1}, 2000),
-             "b": ("tiny", TinyConv, (3, 32, 32), {"max_batch_size": 32, "max_delay_ms": 1}, 3000),
-             "c": ("mid", MidConv, (3, 128, 128), {"max_batch_size": 64, "max_delay_ms": 5}, 400)}
+    specs = {"a": ("digits", None, (1, 8, 8), {"max_batch_size": 32, "max_delay_ms": 1}),
+             "b": ("tiny", TinyConv, (3, 32, 32), {"max_batch_size": 32, "max_delay_ms": 1}),
+             "c": ("mid", MidConv, (3, 128, 128), {"max_batch_size": 64, "max_delay_ms": 5})}
     chosen = [k for k in "abc" if k in args.models.split(",")]
     print(f"building models in {repo} ...", file=sys.stderr, flush=True)
     for key in chosen:
-        name, cls, shape, cfg, _ = specs[key]
-        backends = ("eager", "torchscript", "onnxruntime", "aoti")
+        name, cls, shape, cfg = specs[key]
+        backends = ("eager", "torchscript", "onnxruntime")
         if cls is None:
             d = ROOT / "examples" / "digits"
             r = kiln.build(f"{d}/model.py:DigitsNet", weights=d / "digits.safetensors", data=d / "test.npz",
@@ -210,19 +320,24 @@ def main() -> int:
                            batch_sizes=(1, cfg["max_batch_size"]))
         print(f"  {name}: selected {r.selected}", file=sys.stderr, flush=True)
         (repo / name / "config.toml").write_text("".join(f"{k} = {v}\n" for k, v in cfg.items()))
+    servers = ["baseline", "kiln", "kiln+shadow"] + (["triton"] if args.triton_python else [])
     results: list[Result] = []
     rng = np.random.default_rng(0)
     for key in chosen:
-        name, _, shape, _, total = specs[key]
-        total = int(total * scale)
+        name, _, shape, _ = specs[key]
+        total = int(args.requests * scale) if key != "c" else int(args.requests * scale / 10)
         xs = [rng.standard_normal((1, *shape)).astype(np.float32) for _ in range(8)]
         ts = next((repo / name / "1" / "variants" / "torchscript-fp32").glob("*.pt"))
-        for server in ("baseline", "kiln"):
-            port = free_port()
+        for server in servers:
+            port, gport = free_port(), free_port()
             url = f"http://127.0.0.1:{port}"
-            if server == "kiln":
-                cmd = [sys.executable, "-m", "kiln", "serve", str(repo), "--port", str(port), "--models", name]
+            if server.startswith("kiln"):
+                cmd = [sys.executable, "-m", "kiln", "serve", str(repo), "--port", str(port), "--models", name,
+                       "--grpc-port", str(gport)] + (["--shadow-rate", "0.01"] if server == "kiln+shadow" else [])
                 proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+                wait_ready(url, proc, "/v2/health/ready")
+            elif server == "triton":
+                proc = start_triton(args.triton_python, work, name, shape, ts, port, gport)
                 wait_ready(url, proc, "/v2/health/ready")
             else:
                 cmd = [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port), "--log-level",
@@ -230,17 +345,20 @@ def main() -> int:
                 proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "KILN_BASELINE_MODEL": str(ts)})
                 wait_ready(url, proc, "/docs")
             try:
-                for binary in (False, True):
+                for body, conc in LOADS:
+                    if server == "baseline" and body == "grpc" or server == "kiln+shadow" and (body, conc) != ("json", 64):
+                        continue
                     # The baseline's lean endpoint (request.json() + numpy) beat its pydantic one here.
-                    suffix = ("_binary" if binary else "_lean") if server == "baseline" else ""
+                    suffix = ("_binary" if body == "binary" else "_lean") if server == "baseline" else ""
                     path = f"/v2/models/{name}/infer{suffix}"
-                    for conc in (1, 8, 64):
-                        n = total if conc > 1 else max(100, total // 4)
-                        res = measure(name, server, url, port, path, xs, binary, conc, n, name if server == "kiln" else None)
-                        results.append(res)
-                        print(f"  {name} {res.body:6s} c={conc:<3d} {server:8s} {res.req_per_s:8.0f} req/s  "
-                              f"p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:7.2f} ms  errors {res.errors}",
-                              file=sys.stderr, flush=True)
+                    n = total if conc > 1 else max(200, total // 10)
+                    res = measure(name, server, url, port, path, xs, body == "binary", conc, n,
+                                  name if server.startswith("kiln") else None, proc.pid,
+                                  gport if body == "grpc" else None)
+                    results.append(res)
+                    print(f"  {name} {res.body:6s} c={conc:<3d} {server:11s} {res.req_per_s:8.0f} req/s  "
+                          f"p50 {res.p50_ms:6.2f}  p99 {res.p99_ms:7.2f}  max {res.max_ms:7.1f} ms  "
+                          f"cpu {res.cpu_s_per_1k or 0:5.2f} s/1k  errors {res.errors}", file=sys.stderr, flush=True)
             finally:
                 stop(proc)
     if args.out:
@@ -250,35 +368,41 @@ def main() -> int:
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"\n{'model':7s} {'body':6s} {'conc':>4s} | {'baseline req/s':>14s} {'p50':>7s} {'p99':>7s} | "
-          f"{'kiln req/s':>10s} {'p50':>7s} {'p99':>7s} {'batch':>5s} | {'ratio':>5s}")
+    print(f"\n{'model':6s} {'load':7s} {'conc':>4s} {'server':11s} | {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s} "
+          f"{'max ms':>7s} {'CPU s/1k':>8s} {'batch':>5s}")
+    for r in results:
+        print(f"{r.model:6s} {r.body:7s} {r.concurrency:4d} {r.server:11s} | {r.req_per_s:7.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f} "
+              f"{r.max_ms:7.1f} {r.cpu_s_per_1k or 0:8.2f} {r.avg_batch or 0:5.1f}" + ("  errors!" if r.errors else ""))
     keyed = {(r.model, r.body, r.concurrency, r.server): r for r in results}
-    for (model, body, conc, server), k in keyed.items():
-        if server != "kiln":
-            continue
-        b = keyed.get((model, body, conc, "baseline"))
-        if b is None:
-            continue
-        print(f"{model:7s} {body:6s} {conc:4d} | {b.req_per_s:14.0f} {b.p50_ms:7.2f} {b.p99_ms:7.2f} | "
-              f"{k.req_per_s:10.0f} {k.p50_ms:7.2f} {k.p99_ms:7.2f} {k.avg_batch or 0:5.1f} | {k.req_per_s / b.req_per_s:5.2f}x"
-              + ("  errors!" if k.errors or b.errors else ""))
     checks = []
-    tj, tjb = keyed.get(("tiny", "json", 8, "kiln")), keyed.get(("tiny", "json", 8, "baseline"))
-    if tj and tjb:
-        checks.append(("(b) JSON c=8: >= 2x baseline req/s, p99 no worse",
-                       tj.req_per_s >= 2 * tjb.req_per_s and tj.p99_ms <= tjb.p99_ms,
-                       f"{tj.req_per_s / tjb.req_per_s:.2f}x, p99 {tj.p99_ms:.2f} vs {tjb.p99_ms:.2f} ms"))
-    tb = [r for r in results if r.model == "tiny" and r.body == "binary" and r.server == "kiln"]
-    if tb:
-        best = max(tb, key=lambda r: r.req_per_s)
-        checks.append(("(b) binary: >= 2,500 req/s", best.req_per_s >= 2500, f"{best.req_per_s:,.0f} req/s at c={best.concurrency}"))
-    for body in ("json", "binary"):
-        mk, mb = keyed.get(("mid", body, 64, "kiln")), keyed.get(("mid", body, 64, "baseline"))
-        if mk and mb:
-            checks.append((f"(c) {body} c=64: >= 3x baseline throughput", mk.req_per_s >= 3 * mb.req_per_s,
-                           f"{mk.req_per_s / mb.req_per_s:.2f}x"))
+
+    def vs(body: str, conc: int, peer: str, ratio: float, tail: bool) -> None:
+        k, t = keyed.get(("tiny", body, conc, "kiln")), keyed.get(("tiny", body, conc, peer))
+        if k and t:
+            ok = k.req_per_s >= ratio * t.req_per_s and (not tail or k.p99_ms < t.p99_ms)
+            checks.append((f"{body} c={conc}: >= {ratio:g}x {peer} req/s" + (", p99 below" if tail else ""), ok,
+                           f"{k.req_per_s / t.req_per_s:.2f}x, p99 {k.p99_ms:.2f} vs {t.p99_ms:.2f} ms"))
+
+    vs("json", 8, "triton", 2.0, False)
+    vs("json", 64, "triton", 1.5, True)
+    vs("binary", 64, "triton", 2.0, True)
+    vs("grpc", 64, "triton", 1.0, False)
+    vs("json", 1, "baseline", 1.0, False)
+    b64 = keyed.get(("tiny", "binary", 64, "kiln"))
+    if b64:
+        checks.append((f"no stalls: binary c=64 slowest of {b64.requests:,} within 3x p99", b64.max_ms <= 3 * b64.p99_ms,
+                       f"max {b64.max_ms:.1f} ms, p99 {b64.p99_ms:.2f} ms"))
+    plain, shadow = keyed.get(("tiny", "json", 64, "kiln")), keyed.get(("tiny", "json", 64, "kiln+shadow"))
+    if plain and shadow:
+        checks.append(("drift watch at 1%: cost on JSON c=64", True,
+                       f"req/s {shadow.req_per_s / plain.req_per_s:.2f}x, p99 {shadow.p99_ms:.2f} vs {plain.p99_ms:.2f} ms"))
+    for key in ("json", "binary"):
+        k, t = keyed.get(("tiny", key, 64, "kiln")), keyed.get(("tiny", key, 64, "triton"))
+        if k and t and k.cpu_s_per_1k and t.cpu_s_per_1k:
+            checks.append((f"{key} c=64: CPU per request against Triton", True,
+                           f"{k.cpu_s_per_1k:.2f} vs {t.cpu_s_per_1k:.2f} s per 1,000 ({k.cpu_s_per_1k / t.cpu_s_per_1k:.2f}x)"))
     if checks:
-        print("\ntargets")
+        print("\ntargets (tiny)")
         for what, ok, detail in checks:
             print(f"  {'PASS' if ok else 'MISS'}  {what}: {detail}")
 

@@ -102,8 +102,8 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
         quantize(onnx_path, staging / "model.qdq.onnx", "int8-static", inputs=subject.inputs,
                  calibration=options.get("calibration"))
         onnx_path = staging / "model.qdq.onnx"
-    shapes = profile_shapes(subject.inputs, list(options.get("batch_sizes", [1])), options.get("dim_sizes"))
-    key = _cache_key(trt, onnx_path, shapes, subject.device)
+    shapes, key = engine_plan(onnx_path, subject.inputs, list(options.get("batch_sizes", [1])), options.get("dim_sizes"),
+                              gpu=_gpu(subject.device), trt_version=trt.__version__)
     cached = cache_dir() / f"{key}.engine"
     if cached.is_file():
         subject.notes.append(f"tensorrt: engine reused from the cache ({cached})")
@@ -124,13 +124,17 @@ def _gpu(device: str) -> str:
     return f"{p.name} sm_{p.major}{p.minor}"
 
 
-def _cache_key(trt: Any, onnx_path: Path, shapes: dict[str, Any], device: str) -> str:
+def engine_plan(onnx_path: Path, inputs: list[TensorSpec], batch_sizes: list[int], dim_sizes: dict[str, int] | None,
+                *, gpu: str, trt_version: str) -> tuple[dict[str, Any], str]:
+    """What an engine is built from, without TensorRT: the optimization profile and the cache key (the ONNX
+    bytes, the GPU, the TensorRT version and the profile; any change means another engine)."""
+    shapes = profile_shapes(inputs, batch_sizes, dim_sizes)
     h = hashlib.sha256()
     with open(onnx_path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    h.update(json.dumps({"gpu": _gpu(device), "trt": trt.__version__, "profile": shapes}, sort_keys=True).encode())
-    return h.hexdigest()[:32]
+    h.update(json.dumps({"gpu": gpu, "trt": trt_version, "profile": shapes}, sort_keys=True).encode())
+    return shapes, h.hexdigest()[:32]
 
 
 def _build_engine(trt: Any, onnx_path: Path, shapes: dict[str, Any]) -> bytes:
