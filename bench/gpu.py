@@ -8,8 +8,11 @@ channels_last with CUDA graphs, torch.compile fp16/bf16 with CUDA graphs; BERT: 
 torchao int8; TensorRT fp16 where tensorrt is installed; `--max-autotune` adds kiln's max-autotune variant), verifies each against
 fp32 eager (TF32 off) on 64 random inputs, and times it at batch 1 and at the throughput batch (256
 images, 64 sequences of 128 tokens) from device-resident inputs. In the same run, two baselines:
-eager fp32, and `torch.compile(model.half().to(memory_format=channels_last), mode="max-autotune")`
-as a user would write it (BERT: fp16 without channels_last).
+eager fp32, and `torch.compile(model.half().to(memory_format=channels_last), mode="reduce-overhead")`
+as a user would write it (BERT: fp16 without channels_last); `--baseline-autotune` makes it
+mode="max-autotune" (minutes of autotuning). Compiled kernels are cached in TORCHINDUCTOR_CACHE_DIR
+(default: $TMPDIR/kiln-bench-inductor), so a second run on the same machine builds in far less time;
+--out is rewritten after each model's kiln rows, so a run cut short keeps what it measured.
 
 Targets (H100): ResNet-50 >= 30,000 img/s at 256 and <= 0.45 ms p50 at 1; BERT >= 20,000 seq/s at 64;
 cosine >= 0.999 for fp16/bf16 and >= 0.99 for int8.
@@ -82,8 +85,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
 
-def baselines(name: str, module: torch.nn.Module, batch: int) -> list[dict[str, Any]]:
-    """Eager fp32, and torch.compile max-autotune fp16 (channels_last for the CNN) as a user writes it."""
+def baselines(name: str, module: torch.nn.Module, batch: int, mode: str = "reduce-overhead") -> list[dict[str, Any]]:
+    """Eager fp32, and torch.compile fp16 (channels_last for the CNN) as a user writes it: mode reduce-overhead
+    (CUDA graphs) by default, max-autotune with --baseline-autotune (it autotunes for minutes)."""
     dev = "cuda"
     model = module.to(dev).eval()
     rows: list[dict[str, Any]] = []
@@ -97,9 +101,9 @@ def baselines(name: str, module: torch.nn.Module, batch: int) -> list[dict[str, 
             half = half.to(memory_format=torch.channels_last)
             small, large = ([x.half().contiguous(memory_format=torch.channels_last) for x in xs] for xs in (small, large))
         t0 = time.perf_counter()
-        compiled = torch.compile(half, mode="max-autotune")
+        compiled = torch.compile(half, mode=mode)
         compiled(*small), compiled(*large)  # compile both shapes now, not inside the timing
-        label = "baseline compile max-autotune fp16" + (" channels_last" if name == "resnet50" else "")
+        label = f"baseline compile {mode} fp16" + (" channels_last" if name == "resnet50" else "")
         torch.cuda.reset_peak_memory_stats()
         rows.append(_row(label, lambda xs: compiled(*xs), small, large, ref, batch, time.perf_counter() - t0))
     model.float()
@@ -115,7 +119,9 @@ def _row(label: str, fn: Any, small: list[torch.Tensor], large: list[torch.Tenso
             "build_s": build_s}
 
 
-def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool = False) -> dict[str, Any]:
+def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool = False,
+              baseline_mode: str = "reduce-overhead", out: Path | None = None, done: list[dict[str, Any]] | None = None,
+              ) -> dict[str, Any]:
     spec = MODELS[name]
     variants = variants or spec["variants"] + ([spec["autotune"]] if autotune else [])
     from gpu_models import BertEncoder, resnet50
@@ -141,18 +147,18 @@ def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool 
                      "p50_ms_1": t1.p50_ms if t1 else None, "items_per_s": tb.items_per_s if tb else None,
                      "peak_gpu_mb": c.peak_gpu_mb, "cosine": min((a["cosine"] for a in c.accuracy), default=None),
                      "build_s": c.export_s + c.load_s})
-    partial = work / f"{name}.kiln.json"  # kept if the baselines run out of time
-    partial.write_text(json.dumps(rows, indent=2, default=str))
-    if os.environ.get("KILN_BENCH_PARTIAL"):
-        Path(os.environ["KILN_BENCH_PARTIAL"]).write_text(json.dumps(rows, indent=2, default=str))
-    rows += baselines(name, module, spec["batch"])
-    return {"model": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": spec["batch"],
-            "selected": r.selected, "build_s": build_s, "rows": rows, "targets": spec["targets"], "unit": spec["unit"]}
+    res = {"model": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": spec["batch"],
+           "selected": r.selected, "build_s": build_s, "rows": rows, "targets": spec["targets"], "unit": spec["unit"],
+           "selection": r.manifest.get("selection")}
+    if out is not None:  # partial results as they come: kept if the baselines run out of time
+        out.write_text(json.dumps([*(done or []), {**res, "partial": True}], indent=2, default=str))
+    rows += baselines(name, module, spec["batch"], baseline_mode)
+    return res
 
 
 def table(res: dict[str, Any]) -> str:
     eager = next(x for x in res["rows"] if x["variant"] == "baseline eager fp32")
-    hand = next(x for x in res["rows"] if x["variant"].startswith("baseline compile"))
+    hand = next((x for x in res["rows"] if x["variant"].startswith("baseline compile")), eager)
     b = res["batch"]
     lines = [f"\n{res['model']} on {res['gpu']} (torch {res['torch']}), selected {res['selected']}",
              f"{'variant':58} {'status':9} {'p50 ms @1':>9} {res['unit'] + ' @' + str(b):>13} {'vs eager':>8} "
@@ -186,7 +192,10 @@ def main() -> int:
     p.add_argument("--variants", help="comma-separated globs instead of the default set")
     p.add_argument("--max-autotune", action="store_true",
                    help="also build kiln's compile max-autotune variant (minutes more; it measured slower, see README)")
-    p.add_argument("--out", type=Path, help="write every number as JSON here")
+    p.add_argument("--baseline-autotune", action="store_true",
+                   help="the hand-written baseline compiles with mode=max-autotune (autotunes for minutes) instead of "
+                        "reduce-overhead")
+    p.add_argument("--out", type=Path, help="write every number as JSON here, as results come")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu.py needs an NVIDIA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -195,7 +204,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-"))
     results = []
     for name in ([args.only] if args.only else list(MODELS)):
-        results.append(run_model(name, work, args.variants.split(",") if args.variants else None, args.max_autotune))
+        results.append(run_model(name, work, args.variants.split(",") if args.variants else None, args.max_autotune,
+                                 "max-autotune" if args.baseline_autotune else "reduce-overhead", args.out, results))
         if args.out:
             args.out.write_text(json.dumps(results, indent=2, default=str))
         print(table(results[-1]), flush=True)

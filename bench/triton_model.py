@@ -16,7 +16,8 @@ class TritonPythonModel:
         xs = [pb_utils.get_input_tensor_by_name(r, "image").as_numpy() for r in requests]
         sizes = [len(x) for x in xs]
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.concatenate(xs))).numpy()
+            out = self.model(torch.from_numpy(np.concatenate(xs)))
+        out = (out[0] if isinstance(out, (tuple, list)) else out).numpy()  # kiln's TorchScript returns a tuple
         res, start = [], 0
         for n in sizes:
             res.append(pb_utils.InferenceResponse([pb_utils.Tensor("output", out[start:start + n])]))
