@@ -33,9 +33,13 @@ class Timed(Protocol):
     def timing(self, batch: int) -> Any: ...
 
 
-def is_lossy(c: Timed) -> bool:
+def lossy(precision: str, passes: Sequence[str]) -> bool:
     """int8, half precision and pruned variants change the numbers by design; fp32 variants do not."""
-    return c.precision != "fp32" or any(p.startswith(("prune", "chprune")) for p in c.passes)
+    return precision != "fp32" or any(p.startswith(("prune", "chprune")) for p in passes)
+
+
+def is_lossy(c: Timed) -> bool:
+    return lossy(c.precision, c.passes)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 
 from kiln import repository
 from kiln.runner import Runner
-from kiln.selection import is_lossy
+from kiln.selection import lossy
 from kiln.spec import TensorSpec
 from kiln.verify import Budget, OutputCheck, compare, judge
 
@@ -38,16 +38,9 @@ def reference_variant(manifest: dict[str, Any]) -> str | None:
     """The lossless variant the served one is compared with: eager fp32 (the build's own reference) when the
     repository has it, else the first accepted fp32 variant without pruning."""
     accepted = [c for c in manifest.get("candidates", []) if c.get("status") == "accepted" and c.get("artifact")]
-    names = [c["variant"] for c in accepted]
-    if "eager/fp32" in names:
+    if any(c["variant"] == "eager/fp32" for c in accepted):
         return "eager/fp32"
-
-    @dataclass
-    class _C:
-        precision: str
-        passes: list[str]
-
-    exact = [c["variant"] for c in accepted if not is_lossy(_C(c.get("precision", "fp32"), c.get("passes", [])))]  # type: ignore[arg-type]
+    exact = [c["variant"] for c in accepted if not lossy(c.get("precision", "fp32"), c.get("passes", []))]
     return exact[0] if exact else None
 
 
@@ -67,8 +60,8 @@ class DriftWatch:
         self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
         budget = Budget(**manifest.get("verification", {}).get("budget", {}))
         entry = repository.candidate(manifest, served_variant)
-        lossy = any(p.startswith(("prune", "chprune")) for p in entry.get("passes", []))
-        self.budget = budget.for_recipe(entry.get("precision", "fp32"), lossy=lossy)
+        pruned = any(p.startswith(("prune", "chprune")) for p in entry.get("passes", []))
+        self.budget = budget.for_recipe(entry.get("precision", "fp32"), lossy=pruned)
         self.samples = 0
         self.dropped = 0
         self.failed = 0
