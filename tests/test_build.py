@@ -21,7 +21,13 @@ def check_selection(r: kiln.BuildResult) -> None:
     """The selected variant won the alternating rounds: the fastest lossless contender, or a lossy one that
     beat it by more than the required margin."""
     sel = r.manifest["selection"]
-    assert sel["selected"] == r.selected and sel["rounds"] >= 5 and sel["required_margin"] >= 0.05
+    assert sel["selected"] == r.selected and sel["required_margin"] >= 0.05
+    if not sel.get("contenders"):  # one variant within reach of the fastest and no other fp32 one: nothing to re-time
+        key = sel["metric"]
+        first = {c.variant: getattr(c.timing(sel["batch"]), key) for c in r.candidates if c.status == "accepted"}
+        assert r.selected == (min if key == "p50_ms" else max)(first, key=first.__getitem__)
+        return
+    assert sel["rounds"] >= 5
     cost = {v: next(iter(c.values())) for v, c in sel["contenders"].items()}
     exact = min((v for v, c in sel["contenders"].items() if not c["lossy"]), key=cost.__getitem__)
     if sel["contenders"][r.selected]["lossy"]:

@@ -45,7 +45,7 @@ def test_make_demo(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
         assert re.search(rf"{re.escape(variant)}(\+\S+)?\s.*accepted", out), out  # aoti/compile fold BN: +bnfold
     assert "JSON and binary agree: True" in out and "server stopped" in out
     assert int(re.search(r"(\d+)/8 correct", out)[1]) >= 7  # type: ignore[index]
-    m = re.search(r"selected (\S+) \(latency\) -> (\S+)", out)
+    m = re.search(r"selected (\S+) \(latency(?:, \d+% ahead of the next)?\) -> (\S+)", out)
     assert m and Path(m[2]) == repo / "digits" / "1"
     runner = kiln.load(m[2])
     test = np.load(ROOT / "examples" / "digits" / "test.npz")
