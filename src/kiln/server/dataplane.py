@@ -121,10 +121,11 @@ class DataPlane:
 
     def fidelity(self, name: str, version: str | None) -> dict[str, Any]:
         m = self.get(name, version)
-        if m.watch is None:
+        watch = getattr(m, "watch", None)  # Ray's remote models have none
+        if watch is None:
             raise BadRequest(f"drift watch is off for {name!r}: start kiln serve with --shadow-rate 0.01 (or set "
                              f"shadow_rate in {self.repo / name / 'config.toml'})", status=404)
-        report: dict[str, Any] = m.watch.report()
+        report: dict[str, Any] = watch.report()
         return report
 
     async def unload(self, name: str) -> None:
