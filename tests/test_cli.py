@@ -131,7 +131,7 @@ def test_build_in_a_real_terminal_prints_the_table_and_the_result(tmp_path: Path
     assert p.wait(timeout=300) == 0
     out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert "eager/fp32" in out and "onnxruntime/fp32" in out and "p50 ms @1" in out, out[-3000:]
-    assert re.search(r"selected\s+\S+/fp32 \(latency\) -> ", out), out[-3000:]
+    assert re.search(r"selected\s+\S+/fp32 \(latency(, \d+% ahead of the next)?\) -> ", out), out[-3000:]
     assert "report: " in out and "report.html" in out
 
 
