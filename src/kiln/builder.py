@@ -12,7 +12,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -196,8 +196,6 @@ SYNTHETIC_WARNING = ("verification ran on synthetic inputs (random values, masks
 def kinds_of(outputs: list[TensorSpec], ref_out: list[list[np.ndarray]], notes: list[str]) -> list[TensorSpec]:
     """Every output with its kind: declared ones kept, the rest inferred from name, shape and the reference's
     values, each inference said in `notes` so a user can correct it."""
-    from dataclasses import replace
-
     kinded = []
     for k, spec in enumerate(outputs):
         if spec.kind:
@@ -256,8 +254,6 @@ def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[
 
 def _declare_kinds(src: ModelSource, specs: list[TensorSpec], given: Sequence[str] | dict[str, str] | None) -> list[TensorSpec]:
     """Output kinds from kiln.toml's [[outputs]], overridden by --output NAME:KIND."""
-    from dataclasses import replace
-
     toml = src.path.parent / "kiln.toml" if src.path is not None else None
     kinds = load_toml_outputs(toml) if toml is not None and toml.is_file() else {}
     if isinstance(given, dict):

@@ -71,9 +71,7 @@ def summarize_accuracy(checks: list[dict[str, Any]]) -> dict[str, Any]:
         if first.get(k) is not None:
             out[k] = first[k]
     # Per output, the metric its kind is judged by: "embedding (embedding): row cos 0.9921"
-    out["by_kind"] = [f"{c['name']} ({c.get('kind', '?')}): {h[0]} {h[1]:.2%}" if h[0] in ("top-1", "pixels")
-                      else f"{c['name']} ({c.get('kind', '?')}): {h[0]} {h[1]:.4f}"
-                      for c in checks if (h := headline(c)) is not None]
+    out["by_kind"] = [f"{c['name']} ({c.get('kind', '?')}): {h}" for c in checks if (h := headline(c))]
     if "accuracy" in out and "reference_accuracy" in out:
         out["accuracy_delta"] = out["accuracy"] - out["reference_accuracy"]
     return out

@@ -32,7 +32,7 @@ def variants_table(candidates: list[dict[str, Any]], batch_sizes: list[int], sel
         status = c.get("status", "?")
         acc = [a for a in c.get("accuracy") or [] if not a.get("shape_mismatch")]
         first = acc[0] if acc else {}
-        agreement = " ".join(_agreement(a) for a in acc) if acc else ""
+        agreement = " ".join(headline(a) for a in acc)
         rel = f"{max(a['max_rel_err'] for a in acc):.1e}" if acc else ""
         accuracy = f"{first['accuracy']:.2%}" if first.get("accuracy") is not None else ""
         p50 = _timing(c, small, "p50_ms")
@@ -47,15 +47,6 @@ def variants_table(candidates: list[dict[str, Any]], batch_sizes: list[int], sel
             row.append(f"{ips:,.0f}" if ips else "")
         t.add_row(*row)
     return t
-
-
-def _agreement(a: dict[str, Any]) -> str:
-    h = headline(a)
-    if h is None:
-        return ""
-    label, value = h
-    return f"{value:.2%} {label}" if label in ("top-1", "pixels") else f"{label} {value:.4f}" if label == "IoU" \
-        else f"{label} {value:.6f}"
 
 
 def _timing(c: dict[str, Any] | None, batch: int, key: str) -> float | None:

@@ -206,14 +206,19 @@ def _boxes(check: OutputCheck, ref: list[np.ndarray], got: list[np.ndarray]) -> 
     check.box_iou = float(iou.mean()) if iou.size else 1.0
 
 
-def headline(c: OutputCheck | dict[str, Any]) -> tuple[str, float] | None:
-    """The number a table row shows for an output: the metric its kind is judged by first."""
+def headline(c: OutputCheck | dict[str, Any]) -> str:
+    """What a table row shows for an output: the metric its kind is judged by first ("100.00% top-1",
+    "row cos 0.992051"); empty for a shape mismatch."""
     d = c if isinstance(c, dict) else asdict(c)
-    for key, label in (("top1_agreement", "top-1"), ("row_cosine_mean", "row cos"), ("pixel_agreement", "pixels"),
-                       ("box_iou", "IoU"), ("cosine", "cos")):
-        if d.get(key) is not None and not d.get("shape_mismatch"):
-            return label, float(d[key])
-    return None
+    if d.get("shape_mismatch"):
+        return ""
+    for key, label in (("top1_agreement", "top-1"), ("pixel_agreement", "pixels")):
+        if d.get(key) is not None:
+            return f"{d[key]:.2%} {label}"
+    for key, label, digits in (("row_cosine_mean", "row cos", 6), ("box_iou", "IoU", 4), ("cosine", "cos", 6)):
+        if d.get(key) is not None:
+            return f"{label} {d[key]:.{digits}f}"
+    return ""
 
 
 def judge(checks: list[OutputCheck], budget: Budget) -> list[str]:

@@ -17,7 +17,6 @@ import os
 import queue
 import random
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +43,6 @@ def reference_variant(manifest: dict[str, Any]) -> str | None:
     return exact[0] if exact else None
 
 
-@dataclass
-class _Window:
-    checks: collections.deque[OutputCheck] = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
-
-
 class DriftWatch:
     def __init__(self, name: str, version_dir: Path, manifest: dict[str, Any], served_variant: str, rate: float,
                  *, metrics: Any = None, queue_size: int = 4, seed: int | None = None) -> None:
@@ -66,7 +60,7 @@ class DriftWatch:
         self.dropped = 0
         self.failed = 0
         self.below = False
-        self._windows = [_Window() for _ in self.outputs]
+        self._windows: list[collections.deque[OutputCheck]] = [collections.deque(maxlen=WINDOW) for _ in self.outputs]
         self._queue: queue.Queue[tuple[list[np.ndarray], list[np.ndarray]] | None] = queue.Queue(maxsize=queue_size)
         self._rng = random.Random(seed)
         self._metrics = metrics
@@ -125,7 +119,7 @@ class DriftWatch:
             with self._lock:
                 self.samples += 1
                 for w, c in zip(self._windows, checks):
-                    w.checks.append(c)
+                    w.append(c)
             self._publish()
 
     def _publish(self) -> None:
@@ -146,7 +140,7 @@ class DriftWatch:
     def report(self) -> dict[str, Any]:
         """What /v2/models/{m}/fidelity answers: figures over the last samples, the budget, and any breach."""
         with self._lock:
-            windows = [list(w.checks) for w in self._windows]
+            windows = [list(w) for w in self._windows]
         outs, merged = [], []
         for spec, checks in zip(self.outputs, windows):
             m = _aggregate(checks)
