@@ -55,7 +55,7 @@ def compare(path: Path, inputs: list[torch.Tensor], batch: int, rounds: int) -> 
 
 def digits(work: Path, rounds: int) -> dict[str, Any]:
     r = kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-                   calib=DIGITS / "calib.npz", repo=work, batch_sizes=(1, 32))
+                   calib=DIGITS / "calib.npz", repo=work, batch=(1, 32))
     x = torch.from_numpy(np.load(DIGITS / "test.npz")["image"][:1])
     return {"model": "digits", **compare(r.path, [x], 1, rounds), "target": 4.0, "build": _candidates(r)}  # type: ignore[arg-type]
 
@@ -68,7 +68,7 @@ def encoder(work: Path, rounds: int) -> dict[str, Any]:
     torch.manual_seed(0)
     save_model(TextEncoder().eval(), str(work / "encoder.safetensors"))
     r = kiln.build(f"{ENCODER}/model.py:TextEncoder", weights=work / "encoder.safetensors", inputs=ENCODER_INPUTS,
-                   repo=work, batch_sizes=(8,), dim_sizes={"seq": 128}, name="encoder")
+                   repo=work, batch=(8,), dim_size={"seq": 128}, name="encoder")
     xs = [torch.randint(0, 8192, (8, 128)), torch.ones(8, 128, dtype=torch.int64)]
     int8 = [c for c in r.candidates if c.precision.startswith("int8")]
     return {"model": "encoder", **compare(r.path, xs, 8, rounds), "target": 2.0, "build": _candidates(r),  # type: ignore[arg-type]
@@ -81,8 +81,8 @@ def minilm(work: Path, rounds: int) -> dict[str, Any]:
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     here = ROOT / "examples" / "minilm"
-    r = kiln.build(f"{here}/model.py:MiniLM", data=here / "sentences.npz", repo=work, batch_sizes=(8,),
-                   dim_sizes={"seq": 64}, variants=["eager/*", "onnxruntime/*", "torchscript/*"])
+    r = kiln.build(f"{here}/model.py:MiniLM", data=here / "sentences.npz", repo=work, batch=(8,),
+                   dim_size={"seq": 64}, variants=["eager/*", "onnxruntime/*", "torchscript/*"])
     z = np.load(here / "sentences.npz")
     xs = [torch.from_numpy(z["input_ids"][:8]), torch.from_numpy(z["attention_mask"][:8])]
     out = compare(r.path, xs, 8, rounds)  # type: ignore[arg-type]

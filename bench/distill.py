@@ -50,7 +50,7 @@ def timed(paths: dict[str, Path], inputs: dict[int, list[torch.Tensor]], rounds:
 def digits(work: Path, rounds: int) -> list[dict[str, Any]]:
     test = np.load(DIGITS / "test.npz")
     teacher = kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-                         repo=work, backend_names=BACKENDS, precision="fp32", report=False)
+                         repo=work, backends=BACKENDS, precision="fp32", report=False)
     assert teacher.path is not None
     paths = {"teacher DigitsNet": teacher.path}
     info: dict[str, dict[str, Any]] = {"teacher DigitsNet": {"params": None, "selected": teacher.selected}}
@@ -65,7 +65,7 @@ def digits(work: Path, rounds: int) -> list[dict[str, Any]]:
         r = kiln.distill(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors",
                          data=DIGITS / "train.npz", eval_data=DIGITS / "test.npz", width=width, repo=work,
                          name=f"digits-w{int(width * 100)}", epochs=40,
-                         build_options={"backend_names": BACKENDS, "precision": "fp32"})
+                         build_options={"backends": BACKENDS, "precision": "fp32"})
         assert r.build.path is not None
         name = f"student width {width:g}"
         paths[name] = r.build.path
@@ -105,7 +105,7 @@ def encoder(work: Path, rounds: int) -> list[dict[str, Any]]:
     ids = rng.integers(0, 8192, (n, seq)).astype(np.int64)
     np.savez(work / "tokens.npz", ids=ids, mask=np.ones_like(ids))
     specs = ["ids:int64[batch,seq<=512]@0..8191", "mask:int64[batch,seq<=512]@1..1"]
-    opts = {"backend_names": ("eager", "onnxruntime"), "precision": "fp32", "batch_sizes": (1, 8),
+    opts = {"backends": ("eager", "onnxruntime"), "precision": "fp32", "batch": (1, 8),
             "dim_sizes": {"seq": seq}}
     teacher = kiln.build(f"{ENCODER}/model.py:TextEncoder", weights=work / "encoder.safetensors", inputs=specs,
                          repo=work, name="encoder", report=False, **opts)

@@ -137,7 +137,7 @@ def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool 
     t0 = time.perf_counter()
     r = kiln.build(f"{ROOT}/bench/gpu_models.py:{spec['source']}", weights=work / f"{name}.safetensors",
                    inputs=spec["inputs"], repo=work / "models", name=name, data=work / f"{name}.npz", device="cuda",
-                   batch_sizes=(1, spec["batch"]), dim_sizes=spec["dims"], variants=variants,
+                   batch=(1, spec["batch"]), dim_size=spec["dims"], variants=variants,
                    objective="throughput", progress=reporter())
     build_s = time.perf_counter() - t0
     rows = []

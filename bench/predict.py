@@ -39,7 +39,7 @@ def main() -> int:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-predict-"))
     r = kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-                   repo=work / "models", backend_names=("eager", "torchscript", "onnxruntime"))
+                   repo=work / "models", backends=("eager", "torchscript", "onnxruntime"))
     rng = np.random.default_rng(0)
     base = np.concatenate([np.load(DIGITS / "test.npz")["image"], np.load(DIGITS / "calib.npz")["image"]])
     x = np.clip(base[rng.integers(0, len(base), args.items)] + rng.normal(0, 0.02, (args.items, 1, 8, 8)), 0, 1).astype(np.float32)

@@ -308,7 +308,7 @@ def main() -> int:
         if cls is None:
             d = ROOT / "examples" / "digits"
             r = kiln.build(f"{d}/model.py:DigitsNet", weights=d / "digits.safetensors", data=d / "test.npz",
-                           repo=repo, backend_names=backends)
+                           repo=repo, backends=backends)
         else:
             from safetensors.torch import save_model
 
@@ -316,8 +316,8 @@ def main() -> int:
             save_model(m, str(work / f"{name}.safetensors"))
             r = kiln.build(f"{Path(__file__).resolve()}:{cls.__name__}", weights=work / f"{name}.safetensors",
                            inputs=[f"image:float32[batch,{','.join(map(str, shape))}]"], name=name, repo=repo,
-                           backend_names=backends, objective="latency" if key != "c" else "throughput",
-                           batch_sizes=(1, cfg["max_batch_size"]))
+                           backends=backends, objective="latency" if key != "c" else "throughput",
+                           batch=(1, cfg["max_batch_size"]))
         print(f"  {name}: selected {r.selected}", file=sys.stderr, flush=True)
         (repo / name / "config.toml").write_text("".join(f"{k} = {v}\n" for k, v in cfg.items()))
     servers = ["baseline", "kiln", "kiln+shadow"] + (["triton"] if args.triton_python else [])

@@ -42,7 +42,7 @@ def built(weights_dir: Path, session_repo: Path) -> Callable[[str], kiln.BuildRe
             # fp32 per backend (BN folded where there is BN) and ONNX Runtime's int8; fp16/bf16 and torch-side int8
             # have their own tests (on a CPU whether halves are tried depends on what the probe measures).
             cache[name] = kiln.build(f"{ZOO}:{name}", weights=weights_dir / f"{name}.safetensors",
-                                     inputs=zoo.SPECS[name], repo=session_repo, batch_sizes=(1, 8),
+                                     inputs=zoo.SPECS[name], repo=session_repo, batch=(1, 8),
                                      variants=["*/fp32", "*/fp32+bnfold", "onnxruntime/int8*"])
         return cache[name]
 
@@ -56,7 +56,7 @@ def digits_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     repo = tmp_path_factory.mktemp("digits")
     kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-               repo=repo, backend_names=("eager", "onnxruntime"), precision="fp32")
+               repo=repo, backends=("eager", "onnxruntime"), precision="fp32")
     return repo / "digits"
 
 
@@ -68,11 +68,11 @@ def serve_repo(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> P
     repo = tmp_path_factory.mktemp("serve")
     fast = ("eager", "onnxruntime")
     kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "test.npz",
-               repo=repo, backend_names=fast, precision="fp32")
+               repo=repo, backends=fast, precision="fp32")
     kiln.build(f"{ZOO}:TwoInTwoOut", weights=weights_dir / "TwoInTwoOut.safetensors", inputs=zoo.SPECS["TwoInTwoOut"],
-               name="two", repo=repo, backend_names=fast, precision="fp32")
+               name="two", repo=repo, backends=fast, precision="fp32")
     for name, specs in zoo.SERVE_SPECS.items():
-        kiln.build(f"{ZOO}:{name}", inputs=specs, name=name.lower(), repo=repo, backend_names=("eager",), batch_sizes=(1,))
+        kiln.build(f"{ZOO}:{name}", inputs=specs, name=name.lower(), repo=repo, backends=("eager",), batch=(1,))
     (repo / "poison" / "config.toml").write_text("max_delay_ms = 100\nmax_batch_size = 16\n")
     (repo / "slow" / "config.toml").write_text("max_batch_size = 1\nmax_queue_size = 2\ninstances = 1\n")
     return repo

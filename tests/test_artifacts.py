@@ -69,7 +69,7 @@ def _model_folder(root: Path, *, scale: float = 1.0) -> Path:
 
 def _build(folder: Path, repo: Path, name: str = "net") -> kiln.BuildResult:
     return kiln.build(f"{folder}/model.py:Net", inputs=["x:float32[batch,6]"], repo=repo, name=name,
-                      backend_names=("eager", "onnxruntime"), precision="fp32", report=False)
+                      backends=("eager", "onnxruntime"), precision="fp32", report=False)
 
 
 X = np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 6)
@@ -133,5 +133,5 @@ def test_an_import_from_outside_the_folder_fails_the_build(tmp_path: Path) -> No
         """))
     with pytest.raises(KilnError, match="helpers_outside") as e:
         kiln.build(f"{folder}/model.py:Net", inputs=["x:float32[batch,4]"], repo=tmp_path / "repo",
-                   backend_names=("eager",), report=False)
+                   backends=("eager",), report=False)
     assert e.value.hint and "beside the model file" in e.value.hint

@@ -40,7 +40,7 @@ def test_round_trip(built: Callable[[str], kiln.BuildResult], name: str, backend
     for batch, seed in ((1, 5), (9, 6)):
         xs = fresh_inputs(result, batch, seed)
         got = runner(*xs)
-        got = list(got) if isinstance(got, tuple) else [got]
+        got = list(got.values()) if isinstance(got, dict) else list(got) if isinstance(got, tuple) else [got]
         for g, r in zip(got, eager(name, xs), strict=True):
             assert isinstance(g, torch.Tensor) and g.shape == r.shape
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
@@ -68,8 +68,12 @@ def test_multi_output_names_and_dims(built: Callable[[str], kiln.BuildResult]) -
     runner = kiln.load(str(two.path))
     a, b = np.ones((3, 4), np.float32), np.zeros((3, 6), np.float32)
     by_pos, by_name = runner(a, b), runner.named(b=b, a=a)
-    assert isinstance(by_pos[0], np.ndarray) and by_pos[1].shape == (3, 1)
-    np.testing.assert_array_equal(by_pos[0], by_name["embedding"])
+    assert isinstance(by_pos, dict) and list(by_pos) == ["embedding", "score"]  # forward() returns a dict: so does the runner
+    assert isinstance(by_pos["embedding"], np.ndarray) and by_pos["score"].shape == (3, 1)
+    np.testing.assert_array_equal(by_pos["embedding"], by_name["embedding"])
+    enc = kiln.load(str(built("Encoder").path))  # a tuple stays a tuple
+    ids, mask = np.ones((2, 5), np.int64), np.ones((2, 5), np.int64)
+    assert isinstance(enc(ids, mask), tuple) and list(enc.named(ids, mask)) == ["output0", "output1"]
 
 
 def test_runner_rejects_bad_inputs(built: Callable[[str], kiln.BuildResult]) -> None:
@@ -88,8 +92,8 @@ def test_runner_rejects_bad_inputs(built: Callable[[str], kiln.BuildResult]) -> 
         assert msg in e.value.message and hint in (e.value.hint or ""), e.value
     with pytest.raises(kiln.KilnError, match="unknown \\['c'\\]"):
         runner(a=a, c=b)
-    # float64 numpy (the numpy default) is accepted for a float32 input
-    assert runner(a.astype(np.float64), b)[0].dtype == np.float32
+    # the server's rule too: float64 numpy (the numpy default) is converted for a float32 input
+    assert runner(a.astype(np.float64), b)["embedding"].dtype == np.float32
 
 
 def test_encoder_longer_sequence(built: Callable[[str], kiln.BuildResult]) -> None:

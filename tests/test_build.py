@@ -50,7 +50,7 @@ def test_selection_follows_objective(built: Callable[[str], kiln.BuildResult]) -
 
 def test_throughput_objective(weights_dir: Path, tmp_path: Path) -> None:
     r = kiln.build(f"{ZOO}:MLP", weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path,
-                   backend_names=FAST, objective="throughput", batch_sizes=(1, 16))
+                   backends=FAST, objective="throughput", batch=(1, 16))
     check_selection(r)
     assert r.manifest["selection"]["metric"] == "items_per_s" and r.manifest["selection"]["batch"] == 16
 
@@ -58,7 +58,7 @@ def test_throughput_objective(weights_dir: Path, tmp_path: Path) -> None:
 def test_out_of_budget_variants_are_rejected_with_numbers(weights_dir: Path, tmp_path: Path) -> None:
     """A zero tolerance rejects every variant that differs by a rounding error; only exact eager survives."""
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
-                   repo=tmp_path, backend_names=FAST, budget=Budget(tolerance=0.0), precision="fp32")
+                   repo=tmp_path, backends=FAST, budget=Budget(tolerance=0.0), precision="fp32")
     assert r.selected == "eager/fp32"
     ort = r.candidate("onnxruntime/fp32")
     assert ort.status == "rejected" and "relative error" in ort.reason and ort.accuracy[0]["max_rel_err"] > 0
@@ -67,14 +67,14 @@ def test_out_of_budget_variants_are_rejected_with_numbers(weights_dir: Path, tmp
 
 def test_nothing_accepted_writes_nothing(weights_dir: Path, tmp_path: Path) -> None:
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
-                   repo=tmp_path, backend_names=("onnxruntime",), budget=Budget(tolerance=0.0), precision="fp32")
+                   repo=tmp_path, backends=("onnxruntime",), budget=Budget(tolerance=0.0), precision="fp32")
     assert r.selected is None and r.path is None and not (tmp_path / "convbn").exists()
 
 
 def test_data_file_labels_and_errors(tmp_path: Path) -> None:
     digits = ROOT / "examples" / "digits"
     r = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
-                   repo=tmp_path, backend_names=("eager", "onnxruntime"))
+                   repo=tmp_path, backends=("eager", "onnxruntime"))
     assert r.name == "digits" and [str(s) for s in r.inputs] == ["image:float32[batch,1,8,8]"]  # from kiln.toml
     # static int8 is in the search: a quarter of the data is held out for its calibration, never verified on
     assert r.verification == "test.npz (338 items; 112 others held out for calibration)"
@@ -106,7 +106,7 @@ def test_exported_program_source(tmp_path: Path) -> None:
     ep = torch.export.export(m, (torch.randn(3, 4), torch.randn(3, 6)), dynamic_shapes=({0: batch}, {0: batch}))
     torch.export.save(ep, str(tmp_path / "two.pt2"))
     r = kiln.build(str(tmp_path / "two.pt2"), inputs=zoo.SPECS["TwoInTwoOut"], repo=tmp_path / "repo",
-                   backend_names=("eager", "onnxruntime"))
+                   backends=("eager", "onnxruntime"))
     assert r.name == "two" and [s.name for s in r.outputs] == ["embedding", "score"]
     lossless = [c for c in r.candidates if c.precision == "fp32"]
     assert {c.variant for c in lossless} == {"eager/fp32", "onnxruntime/fp32"}
@@ -154,7 +154,7 @@ def test_int8_variants_inside_and_outside_the_budget(built: Callable[[str], kiln
     int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert int8 and {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in graph.node}  # weights really int8
     tight = kiln.build(f"{ZOO}:Encoder", weights=weights_dir / "Encoder.safetensors", inputs=zoo.SPECS["Encoder"],
-                       repo=tmp_path, backend_names=("onnxruntime",), precision="int8",
+                       repo=tmp_path, backends=("onnxruntime",), precision="int8",
                        budget=Budget(int8_min_cosine=0.9999999))
     assert [c.variant for c in tight.candidates] == ["onnxruntime/int8-dynamic", "onnxruntime/int8-static"]
     assert all(c.status == "rejected" and "cosine" in c.reason for c in tight.candidates) and tight.selected is None
@@ -165,7 +165,7 @@ def test_static_int8_is_calibrated_and_qdq(tmp_path: Path) -> None:
 
     digits = ROOT / "examples" / "digits"
     r = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
-                   calib=digits / "calib.npz", repo=tmp_path, backend_names=("onnxruntime",), precision="int8")
+                   calib=digits / "calib.npz", repo=tmp_path, backends=("onnxruntime",), precision="int8")
     assert r.verification == "test.npz (450 items)"  # a separate calibration file: nothing held out
     st = r.candidate("onnxruntime/int8-static")
     assert st.status == "accepted" and st.accuracy[0]["top1_agreement"] >= 0.97, st.reason
@@ -175,12 +175,12 @@ def test_static_int8_is_calibrated_and_qdq(tmp_path: Path) -> None:
     assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
     with pytest.raises(kiln.KilnError, match="no variant of torchscript matches --precision int8"):
         kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", repo=tmp_path,
-                   backend_names=("torchscript",), precision="int8")
+                   backends=("torchscript",), precision="int8")
 
 
 def test_torch_int8_is_picked_only_inside_the_budget(weights_dir: Path, tmp_path: Path) -> None:
     """torchao dynamic int8 (eager) and PT2E static int8 (AOTInductor) are found, verified, and refused out of budget."""
-    kw = dict(weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path, batch_sizes=(1, 8))
+    kw = dict(weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path, batch=(1, 8))
     r = kiln.build(f"{ZOO}:MLP", variants=["eager/fp32", "eager/int8-dynamic", "aoti/int8-static"], **kw)  # type: ignore[arg-type]
     status = {c.variant: c.status for c in r.candidates}
     assert status == {"eager/fp32": "accepted", "eager/int8-dynamic": "accepted", "aoti/int8-static": "accepted"}, \
@@ -205,7 +205,7 @@ def test_pruned_variants_are_judged_and_show_size_and_speed(tmp_path: Path) -> N
     digits = ROOT / "examples" / "digits"
     loose = Budget(int8_tolerance=10, int8_min_cosine=0.5, int8_min_top1_agreement=0.5)
     r = kiln.build(f"{digits}/model.py:DigitsNet", weights=digits / "digits.safetensors", data=digits / "test.npz",
-                   repo=tmp_path, prune=0.3, budget=loose, backend_names=("eager", "onnxruntime"), precision="fp32",
+                   repo=tmp_path, prune=0.3, budget=loose, backends=("eager", "onnxruntime"), precision="fp32",
                    variants=["eager/fp32", "onnxruntime/fp32*"])
     mag, chan, dense = (r.candidate(f"onnxruntime/fp32{s}") for s in ("+prune30", "+chprune30", ""))
     assert mag.status == chan.status == "accepted", (mag.reason, chan.reason)
@@ -231,7 +231,7 @@ def test_cuda_only_variants_skip_cleanly_on_a_cpu(weights_dir: Path, tmp_path: P
     from kiln.source import ModelSource
 
     r = kiln.build(f"{ZOO}:MLP", weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path,
-                   backend_names=("eager", "tensorrt"), precision="fp32")
+                   backends=("eager", "tensorrt"), precision="fp32")
     trt = r.candidate("tensorrt/fp32")
     assert trt.status == "skipped" and "NVIDIA GPU" in trt.reason and r.selected == "eager/fp32"
     with pytest.raises(Skip, match="no CUDA GPU"):

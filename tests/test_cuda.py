@@ -50,7 +50,7 @@ def test_runner_moves_host_inputs_and_returns_host_outputs() -> None:
 
 def test_cuda_build_finds_half_precision_and_graph_variants(weights_dir: Path, tmp_path: Path) -> None:
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
-                   repo=tmp_path, device="cuda", batch_sizes=(1, 8),
+                   repo=tmp_path, device="cuda", batch=(1, 8),
                    variants=["eager/fp32", "eager/fp16*", "eager/bf16*", "compile/fp16+bnfold+channels_last+cudagraphs"])
     status = {c.variant: (c.status, c.reason) for c in r.candidates}
     for v in ("eager/fp32", "eager/fp16+bnfold+channels_last", "eager/fp16+bnfold+channels_last+cudagraphs",
@@ -67,10 +67,10 @@ def test_cuda_build_finds_half_precision_and_graph_variants(weights_dir: Path, t
 def test_tensorrt_engine_round_trip(weights_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorrt", reason="tensorrt is not installed")
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
-                   repo=tmp_path, device="cuda", batch_sizes=(1, 8), variants=["eager/fp32", "tensorrt/*"])
+                   repo=tmp_path, device="cuda", batch=(1, 8), variants=["eager/fp32", "tensorrt/*"])
     for c in r.candidates:
         if c.backend == "tensorrt":
             assert c.status == "accepted", (c.variant, c.reason)
     again = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
-                       repo=tmp_path, device="cuda", batch_sizes=(1, 8), variants=["eager/fp32", "tensorrt/fp16"])
+                       repo=tmp_path, device="cuda", batch=(1, 8), variants=["eager/fp32", "tensorrt/fp16"])
     assert any("reused from the cache" in n for n in again.candidate("tensorrt/fp16").notes)

@@ -156,7 +156,7 @@ def test_a_built_teacher_with_a_users_student_and_resume(digits_repo: Path, tmp_
                 return self.f(image)
         '''))
     common = dict(data=DIGITS / "train.npz", student=f"{folder}/small.py:Small", repo=tmp_path / "repo",
-                  build_options={"backend_names": ("eager",), "precision": "fp32"}, patience=100)
+                  build_options={"backends": ("eager",), "precision": "fp32"}, patience=100)
     first = kiln.distill(str(digits_repo), epochs=2, **common)  # type: ignore[arg-type]
     assert first.derived is None and len(first.epochs) == 2 and first.build.selected == "eager/fp32"
     assert first.summary["teacher"] == "digits version 1"
@@ -178,7 +178,7 @@ def test_pruning_is_recovered_by_distillation(tmp_path: Path) -> None:
 
     r = kiln.distill(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", data=DIGITS / "train.npz",
                      prune=0.5, epochs=8, repo=tmp_path, eval_data=DIGITS / "test.npz",
-                     build_options={"backend_names": ("eager",), "precision": "fp32"})
+                     build_options={"backends": ("eager",), "precision": "fp32"})
     assert "chprune50" in (r.derived or "")
     assert r.summary["eval"]["student_accuracy"] >= accuracy(pruned)
     assert r.summary["eval"]["student_accuracy"] > 0.97

@@ -17,7 +17,7 @@ MINILM = Path(__file__).resolve().parents[1] / "examples" / "minilm"
 def test_minilm_int8_is_accepted_by_cosine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = kiln.build(f"{MINILM}/model.py:MiniLM", data=MINILM / "sentences.npz", repo=tmp_path,
-                   variants=["eager/fp32", "onnxruntime/int8-dynamic"], batch_sizes=(8,), dim_sizes={"seq": 32})
+                   variants=["eager/fp32", "onnxruntime/int8-dynamic"], batch=(8,), dim_size={"seq": 32})
     assert r.outputs[0].kind == "embedding"  # declared in examples/minilm/kiln.toml
     int8 = r.candidate("onnxruntime/int8-dynamic")
     assert int8.status == "accepted", int8.reason

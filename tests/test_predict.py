@@ -51,9 +51,9 @@ def test_corrupt_npz_files_are_skipped_and_listed(digits_repo: Path, tmp_path: P
     (tmp_path / "badcrc.npz").write_bytes(bytes(flipped))
     s = predict(digits_repo, [good, tmp_path / "truncated.npz", tmp_path / "badcrc.npz"], tmp_path / "p.npz",
                 on_error="skip", progress=False)
-    assert (s.items, s.written) == (10, 10)
-    assert sorted(Path(f).name for f, _ in s.skipped) == ["badcrc.npz", "truncated.npz"]
-    assert all("cannot read" in e for _, e in s.skipped)
+    assert (s.items, s.written, s.skipped) == (10, 10, [])
+    assert sorted(Path(f).name for f, _ in s.ignored) == ["badcrc.npz", "truncated.npz"]
+    assert all("cannot read" in e for _, e in s.ignored)
     with pytest.raises(kiln.KilnError, match="truncated.npz"):
         predict(digits_repo, [good, tmp_path / "truncated.npz"], tmp_path / "q.npz", on_error="stop", progress=False)
 
@@ -68,8 +68,9 @@ def test_image_folder_with_bad_files(digits_repo: Path, tmp_path: Path) -> None:
     (folder / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (folder / "notes.txt").write_text("hello")
     s = predict(digits_repo, [folder], tmp_path / "p.parquet", batch=5, progress=False)
-    assert s.written == 12 and sorted(Path(p).name for p, _ in s.skipped) == ["notes.txt", "zz-broken.png"]
-    assert any("unreadable image" in e for _, e in s.skipped)
+    assert (s.items, s.written) == (13, 12) and [Path(p).name for p, _ in s.skipped] == ["zz-broken.png"]
+    assert "unreadable image" in s.skipped[0][1] and [Path(p).name for p, _ in s.ignored] == ["notes.txt"]
+    assert s.notes == []  # digits' kiln.toml has [preprocess], and the images are its size
     t = pq.read_table(tmp_path / "p.parquet")
     assert t.column_names == ["id", "output"] and [Path(i).name for i in t.column("id").to_pylist()][:2] == ["00.png", "01.png"]
     got = np.asarray(t.column("output").to_pylist(), np.float32)
@@ -94,8 +95,79 @@ def test_tables(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.npz")["output"], want, rtol=1e-4, atol=1e-5)
         assert s.written == 30
     pq.write_table(pa.table({"a": x[:, 0]}), tmp_path / "narrow.parquet")
-    s = predict(built("MLP").path, [tmp_path / "narrow.parquet", tmp_path / "t.parquet"], tmp_path / "n.npz", progress=False)
-    assert s.written == 30 and "1 numeric columns" in s.skipped[0][1]
+    with pytest.raises(kiln.KilnError, match="1 numeric columns"):  # the first table decides the columns
+        predict(built("MLP").path, [tmp_path / "narrow.parquet", tmp_path / "t.parquet"], tmp_path / "n.npz", progress=False)
+    s = predict(built("MLP").path, [tmp_path / "t.parquet", tmp_path / "narrow.parquet"], tmp_path / "n.npz", progress=False)
+    assert s.written == 30 and "lacks columns" in s.ignored[0][1]
+
+
+def test_tables_by_column_name_with_ids_and_missing_values(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Columns are matched by name (a later file in another order gives the same predictions), an id column is
+    carried through, a row with a missing or NaN value is skipped with the column named, and the counts add up."""
+    x = np.random.default_rng(1).standard_normal((12, 16)).astype(np.float32)
+    names = [f"f{i:02d}" for i in range(16)]
+    with torch.no_grad():
+        want = zoo.seeded(zoo.MLP)(torch.from_numpy(x)).numpy()
+    first = {"id": [f"cust-{i}" for i in range(6)], **{n: x[:6, i] for i, n in enumerate(names)}}
+    pq.write_table(pa.table(first), tmp_path / "a.parquet")
+    shuffled = list(reversed(names))  # same features, other column order
+    second = {**{n: x[6:, names.index(n)] for n in shuffled}, "id": [f"cust-{i}" for i in range(6, 12)]}
+    second["f03"] = pa.array([*x[6:9, 3].tolist(), None, *x[10:, 3].tolist()], pa.float32())  # row 9: missing
+    pq.write_table(pa.table(second), tmp_path / "b.parquet")
+    out = tmp_path / "p.parquet"
+    s = predict(built("MLP").path, [tmp_path / "a.parquet", tmp_path / "b.parquet"], out, variant="onnxruntime/fp32",
+                progress=False)
+    assert (s.items, s.written, len(s.skipped)) == (12, 11, 1) and s.ignored == []
+    assert s.skipped[0][0] == "cust-9" and "column f03" in s.skipped[0][1]
+    assert any("other files are matched by these names" in n for n in s.notes)
+    t = pq.read_table(out)
+    ids = t.column("id").to_pylist()
+    assert ids == [f"cust-{i}" for i in range(12) if i != 9]
+    np.testing.assert_allclose(np.asarray(t.column("output").to_pylist()), np.delete(want, 9, axis=0), rtol=1e-4, atol=1e-5)
+    # declared columns pick and order by name; extra columns are ignored and said
+    pq.write_table(pa.table({"note": ["x"] * 12, **{n: x[:, i] for i, n in enumerate(names)}, "extra": np.ones(12)}),
+                   tmp_path / "c.parquet")
+    s = predict(built("MLP").path, [tmp_path / "c.parquet"], tmp_path / "c.npz", variant="onnxruntime/fp32",
+                columns={"x": names}, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "c.npz")["output"], want, rtol=1e-4, atol=1e-5)
+    assert any("not used: note, extra" in n for n in s.notes)
+    with pytest.raises(kiln.KilnError, match="columns declared for \\['y'\\]"):
+        predict(built("MLP").path, [tmp_path / "c.parquet"], tmp_path / "d.npz", columns={"y": names})
+
+
+def test_multi_input_tables_and_multi_dim_outputs(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each input from the column of its name (list columns for vectors); a [batch, seq, 32] output keeps its
+    shape in parquet as nested lists."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((5, 6)).astype(np.float32)
+    pq.write_table(pa.table({"b": list(b), "a": list(a)}), tmp_path / "two.parquet")
+    predict(built("TwoInTwoOut").path, [tmp_path / "two.parquet"], tmp_path / "two.npz", variant="eager/fp32",
+            progress=False)
+    want = kiln.load(built("TwoInTwoOut").path, variant="eager/fp32")(a, b)
+    np.testing.assert_allclose(np.load(tmp_path / "two.npz")["score"], want["score"], rtol=1e-5)
+    ids = rng.integers(0, 100, (4, 7))
+    np.savez(tmp_path / "enc.npz", ids=ids, mask=np.ones_like(ids))
+    predict(built("Encoder").path, [tmp_path / "enc.npz"], tmp_path / "enc.parquet", variant="eager/fp32", progress=False)
+    col = pq.read_table(tmp_path / "enc.parquet").column("output0")
+    assert (col.type.list_size, col.type.value_type.list_size) == (7, 32)
+    got = np.asarray(col.to_pylist(), np.float32)
+    want0 = kiln.load(built("Encoder").path, variant="eager/fp32")(ids, np.ones_like(ids))[0]
+    np.testing.assert_allclose(got, want0, rtol=1e-5, atol=1e-6)
+
+
+def test_images_of_other_sizes_are_resized_and_a_missing_preprocess_is_said(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate([(16, 16), (20, 24), (40, 32)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), mode="RGB").save(folder / f"{i}.png")
+    s = predict(built("ConvBN").path, [folder], tmp_path / "p.npz", progress=False)
+    assert (s.items, s.written, s.skipped) == (3, 3, [])
+    assert "has no [preprocess]" in s.notes[0] and "2 of 3 images are not 16x16" in s.notes[1]
+    with Image.open(folder / "1.png") as im:
+        x = np.asarray(im.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR), np.float32) / 255
+    want = kiln.load(built("ConvBN").path, variant="eager/fp32")(x.transpose(2, 0, 1)[None])
+    np.testing.assert_allclose(np.load(tmp_path / "p.npz")["output"][1], want[0], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments(digits_repo: Path, tmp_path: Path) -> None:
@@ -113,8 +185,8 @@ def test_bad_arguments(digits_repo: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("slow")
-    kiln.build(f"{ZOO}:Slow", inputs=zoo.SERVE_SPECS["Slow"], name="slow", repo=repo, backend_names=("eager",),
-               batch_sizes=(1,))
+    kiln.build(f"{ZOO}:Slow", inputs=zoo.SERVE_SPECS["Slow"], name="slow", repo=repo, backends=("eager",),
+               batch=(1,))
     return repo / "slow"
 
 

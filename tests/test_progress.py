@@ -10,7 +10,7 @@ from support import ZOO
 def test_lines_print_one_line_per_variant_outcome(weights_dir: Path, tmp_path: Path) -> None:
     out = io.StringIO()
     kiln.build(f"{ZOO}:MLP", weights=weights_dir / "MLP.safetensors", inputs=zoo.SPECS["MLP"], repo=tmp_path,
-               backend_names=("eager", "onnxruntime"), precision="fp32", progress=Lines(out))
+               backends=("eager", "onnxruntime"), precision="fp32", progress=Lines(out))
     lines = out.getvalue().splitlines()
     steps = [ln for ln in lines if ln.strip().startswith("[")]
     assert len(steps) == 2, lines  # eager/fp32 and onnxruntime/fp32, each once
@@ -24,7 +24,7 @@ def test_skipped_variants_still_complete_the_count(tmp_path: Path) -> None:
     import torch
 
     torch.jit.save(torch.jit.script(zoo.seeded(zoo.MLP)), str(torch_script))
-    kiln.build(str(torch_script), inputs=zoo.SPECS["MLP"], repo=tmp_path / "r", backend_names=("eager", "aoti"),
+    kiln.build(str(torch_script), inputs=zoo.SPECS["MLP"], repo=tmp_path / "r", backends=("eager", "aoti"),
                progress=Lines(out))
     steps = [ln for ln in out.getvalue().splitlines() if ln.strip().startswith("[")]
     assert steps[-1].strip().startswith("[ 8/8") and "aoti/fp32: skipped" in steps[-1]

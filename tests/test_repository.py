@@ -57,7 +57,7 @@ def test_each_build_adds_a_version(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for _ in range(2):
         kiln.build(f"{Path(__file__).with_name('zoo.py')}:MLP", inputs=["x:float32[batch,16]"], repo=repo,
-                   backend_names=("eager",), report=False)
+                   backends=("eager",), report=False)
     assert repository.versions(repo / "mlp") == [1, 2]
     assert repository.resolve(repo / "mlp")[1]["version"] == 2
     assert repository.resolve(repo / "mlp" / "1")[1]["version"] == 1

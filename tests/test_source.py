@@ -150,7 +150,7 @@ def test_kiln_toml_typos_name_the_key(tmp_path: Path) -> None:
 
 def test_missing_inputs_name_forward_arguments(tmp_path: Path) -> None:
     with pytest.raises(KilnError, match="forward\\(\\) takes a, b") as e:
-        kiln.build(f"{ZOO}:TwoInTwoOut", repo=tmp_path, backend_names=("eager",))
+        kiln.build(f"{ZOO}:TwoInTwoOut", repo=tmp_path, backends=("eager",))
     assert "--input 'a:float32[batch,...]' --input 'b:float32[batch,...]'" in (e.value.hint or "")
 
 

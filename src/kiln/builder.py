@@ -20,7 +20,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from kiln import __version__, backends, repository
+from kiln import __version__, repository
+from kiln import backends as registry
 from kiln.backends.common import Subject, first_line
 from kiln.bench.timing import Timing, time_runner
 from kiln.data import VerifyData, batch_dim, timing_inputs, verification_data
@@ -31,7 +32,7 @@ from kiln.runner import Runner
 from kiln.selection import is_lossy, select
 from kiln.signature import FlatModel, discover_outputs, example_inputs
 from kiln.source import ModelSource, load_module
-from kiln.spec import TensorSpec, load_toml_outputs, load_toml_specs, parse_output_kind
+from kiln.spec import TensorSpec, load_toml_columns, load_toml_outputs, load_toml_specs, parse_output_kind
 from kiln.verify import Budget, compare, infer_kind, judge, to_dict
 
 Objective = Literal["latency", "throughput"]
@@ -82,6 +83,8 @@ class BuildResult:
     preprocess: dict[str, Any] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
     synthetic: bool = False
+    dict_outputs: bool = False
+    columns: dict[str, list[str]] = field(default_factory=dict)
 
     def candidate(self, variant: str) -> Candidate:
         return next(c for c in self.candidates if c.variant == variant)
@@ -98,12 +101,17 @@ class Resolved:
     outputs: list[TensorSpec]
     reference: Callable[[list[torch.Tensor]], list[torch.Tensor]]
     preprocess: dict[str, Any] = field(default_factory=dict)
+    dict_outputs: bool = False
+    """forward() returns a dict: runners return dicts keyed by output name"""
+    columns: dict[str, list[str]] = field(default_factory=dict)
+    """kiln.toml's [columns]: the table columns that feed each input (kiln predict)"""
 
 
-def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[str | TensorSpec] | None = None,
-          name: str | None = None, repo: str | Path = "models", data: str | Path | None = None,
-          budget: Budget | None = None, batch_sizes: Sequence[int] = (1, 32), objective: Objective = "latency",
-          backend_names: Sequence[str] | None = None, device: str = "cpu", dim_sizes: dict[str, int] | None = None,
+def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
+          inputs: Sequence[str | TensorSpec] | None = None, name: str | None = None, repo: str | Path = "models",
+          data: str | Path | None = None, budget: Budget | None = None, batch: int | Sequence[int] = (1, 32),
+          objective: Objective = "latency", backends: str | Sequence[str] | None = None, device: str = "cpu",
+          dim_size: dict[str, int] | None = None,
           progress: Reporter | None = None, report: bool = True, precision: str = "auto",
           calib: str | Path | None = None, prune: float | None = None,
           variants: Sequence[str] | None = None, outputs: Sequence[str] | dict[str, str] | None = None,
@@ -115,6 +123,9 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
     >>> result.selected
     'onnxruntime/fp32'
 
+    `source` is what `kiln build` takes (file.py:Factory, pkg.module:Class, .pt, .pt2, .onnx) or an nn.Module in
+    memory. The keywords are the CLI's flags: `batch=(1, 32)` is --batch, `backends=["eager", "onnxruntime"]` is
+    --backends, `dim_size={"seq": 128}` is --dim-size.
     `precision` bounds the search (fp32, fp16, bf16, int8 or auto), `prune` adds pruned variants (a fraction),
     `variants` keeps only variants matching these glob patterns (e.g. ["compile/fp16*", "eager/fp32*"]).
     `outputs` declares output kinds ({"embedding": "embedding"} or ["embedding:embedding"]); undeclared ones are
@@ -128,12 +139,17 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
         raise KilnError(f"unknown objective {objective!r}", hint="use latency or throughput")
     if prefer not in ("fastest", "lossless"):
         raise KilnError(f"unknown preference {prefer!r}", hint="use fastest or lossless")
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise KilnError(f"bad batch sizes {list(batch_sizes)}", hint="give positive sizes, e.g. --batch 1,32")
+    if isinstance(batch, int):
+        batch = (batch,)
+    if not batch or any(b < 1 for b in batch):
+        raise KilnError(f"bad batch sizes {list(batch)}", hint="give positive sizes, e.g. --batch 1,32")
     check_build_device(device)
-    names = list(backend_names or backends.names())
+    if isinstance(backends, str):
+        backends = backends.split(",")
+    names = list(backends or registry.names())
     for n in names:
-        backends.get(n)
+        registry.get(n)
+    dim_sizes = dim_size or {}
     with _exporters_quiet():
         res = resolve(source, weights=weights, inputs=inputs, name=name, device=device, outputs=outputs)
         todo = plan(names, precision=precision, device=device, module=res.module, prune=prune, patterns=variants,
@@ -141,10 +157,10 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
         int8_static = any(v.recipe.precision == "int8-static" for v in todo)
         verify = verification_data(res.inputs, Path(data) if data else None, calib=Path(calib) if calib else None,
                                    hold_out=int8_static)
-        sizes = sorted(set(batch_sizes)) if batch_dim(res.inputs) else [1]
+        sizes = sorted(set(batch)) if batch_dim(res.inputs) else [1]
         left_out: dict[str, str] = {}
         if res.module is not None and device == "cpu" and precision == "auto" and any(v.recipe.dtype for v in todo):
-            left_out = probe_low_precision(res.module, timing_inputs(res.inputs, sizes[-1], verify, dim_sizes or {}))
+            left_out = probe_low_precision(res.module, timing_inputs(res.inputs, sizes[-1], verify, dim_sizes))
         prog.start(sum(v.recipe.precision not in left_out for v in todo) * _STEPS)
         prog.note(f"verifying against fp32 {'eager' if res.module is not None else 'onnxruntime'} on {verify.description}")
         notes = list(res.source.notes)
@@ -160,19 +176,19 @@ def build(source: str, *, weights: str | Path | None = None, inputs: Sequence[st
                 Candidate(v.name, v.backend, v.recipe.precision, list(v.recipe.passes), "skipped", left_out[v.recipe.precision])
                 if v.recipe.precision in left_out else
                 run_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out, budget, sizes,
-                            dim_sizes or {}, prog, keep=runners)
+                            dim_sizes, prog, keep=runners)
                 for v in todo
             ]
             distrust_orphans(candidates)
             prog.note("selecting: timing the contenders in alternating rounds")
             sel = select([c for c in candidates if c.status == "accepted"], objective, sizes, runners=runners,
-                         inputs=lambda b: timing_inputs(res.inputs, b, verify, dim_sizes or {}), prefer=prefer,
+                         inputs=lambda b: timing_inputs(res.inputs, b, verify, dim_sizes), prefer=prefer,
                          max_load_s=max_load_s)
             runners.clear()
             result = BuildResult(res.name, None, None, sel.selected, objective, candidates,
                                  res.inputs, res.outputs, verify.description, sizes, notes + subject.notes + sel.notes,
-                                 selection=sel.to_dict(), synthetic=not verify.from_user)
-            result.preprocess = res.preprocess
+                                 selection=sel.to_dict(), synthetic=not verify.from_user, dict_outputs=res.dict_outputs)
+            result.preprocess, result.columns = res.preprocess, res.columns
             if sel.selected is not None:
                 write_repository(result, Path(repo), Path(tmp), res.source, budget, device)
     if report and result.path is not None:
@@ -220,10 +236,19 @@ def distrust_orphans(candidates: list[Candidate]) -> None:
             c.reason = f"derives from {base[0].variant}, which was rejected ({base[0].reason})"
 
 
-def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[str | TensorSpec] | None = None,
+def resolve(source: str | torch.nn.Module, *, weights: str | Path | None = None, inputs: Sequence[str | TensorSpec] | None = None,
             name: str | None = None, device: str = "cpu", outputs: Sequence[str] | dict[str, str] | None = None) -> Resolved:
     """Stage 1: parse and load the source, find its input specs, discover its outputs, make the fp32 reference."""
-    src = ModelSource.parse(source, weights=weights)
+    if isinstance(source, torch.nn.Module):
+        if weights is not None:
+            raise KilnError("weights= is for sources named by path; an nn.Module already holds its weights",
+                            hint="load them into the module first: module.load_state_dict(...)")
+        src = ModelSource.from_module(source)
+    elif isinstance(source, (str, Path)):
+        src = ModelSource.parse(str(source), weights=weights)
+    else:
+        raise KilnError(f"kiln.build takes a path, 'file.py:Factory' or an nn.Module, not a {type(source).__name__}",
+                        hint="e.g. kiln.build('model.py:Net', weights='net.safetensors') or kiln.build(net, inputs=[...])")
     in_specs, toml_name, preprocess = _input_specs(src, inputs)
     model_name = repository.check_name(name or toml_name or _default_name(src))
     if src.kind == "onnx":
@@ -233,7 +258,8 @@ def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[
         graph_in, out_specs = ortb.signature(src.path)
         in_specs = _merge_onnx_inputs(graph_in, in_specs)
         ref = _onnx_reference(ortb.session(src.path), in_specs, out_specs)
-        return Resolved(src, model_name, None, in_specs, _declare_kinds(src, out_specs, outputs), ref, preprocess)
+        return Resolved(src, model_name, None, in_specs, _declare_kinds(src, out_specs, outputs), ref, preprocess,
+                        columns=_toml_columns(src, in_specs))
     module = load_module(src)
     if not in_specs:
         args = _forward_arguments(module)
@@ -243,13 +269,19 @@ def resolve(source: str, *, weights: str | Path | None = None, inputs: Sequence[
                         hint=f"give one --input NAME:DTYPE[DIMS] per argument, in order ({example}), "
                              "or a kiln.toml beside the model")
     try:
-        out_specs = discover_outputs(module, in_specs)
+        out_specs, as_dict = discover_outputs(module, in_specs)
     except ModuleNotFoundError as e:
         raise KilnError(f"running the model imported {e.name!r}, which is not installed or not in the model's folder",
                         hint="import every module at the top of the model file (kiln copies the model's folder "
                              "modules it imports into the artifact), or install the package") from None
     out_specs = _declare_kinds(src, out_specs, outputs)
-    return Resolved(src, model_name, module, in_specs, out_specs, _eager_reference(module, device), preprocess)
+    return Resolved(src, model_name, module, in_specs, out_specs, _eager_reference(module, device), preprocess, as_dict,
+                    _toml_columns(src, in_specs))
+
+
+def _toml_columns(src: ModelSource, inputs: list[TensorSpec]) -> dict[str, list[str]]:
+    toml = src.path.parent / "kiln.toml" if src.path is not None else None
+    return load_toml_columns(toml, inputs) if toml is not None and toml.is_file() else {}
 
 
 def _declare_kinds(src: ModelSource, specs: list[TensorSpec], given: Sequence[str] | dict[str, str] | None) -> list[TensorSpec]:
@@ -304,7 +336,7 @@ def run_variant(variant: Variant, subject: Subject, staged: Path, verify: Verify
                 ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
                 prog: Reporter, keep: dict[str, Runner] | None = None) -> Candidate:
     """Stage 4, for one variant: export into `staged`, load it back from its files, verify it, time it."""
-    backend = backends.get(variant.backend)
+    backend = registry.get(variant.backend)
     recipe = variant.recipe
     c = Candidate(variant.name, variant.backend, recipe.precision, list(recipe.passes))
     staged.mkdir(parents=True)
@@ -434,6 +466,7 @@ def _manifest(r: BuildResult, src: ModelSource, budget: Budget, device: str) -> 
         "source": src.to_dict(),
         "inputs": [s.to_dict() for s in r.inputs],
         "outputs": [s.to_dict() for s in r.outputs],
+        "output_structure": "dict" if r.dict_outputs else "sequence",
         "selected": r.selected,
         "objective": r.objective,
         "batch_sizes": r.batch_sizes,
@@ -442,6 +475,7 @@ def _manifest(r: BuildResult, src: ModelSource, budget: Budget, device: str) -> 
         "candidates": [c.to_dict() for c in r.candidates],
         "notes": r.notes,
         "preprocess": r.preprocess,
+        "columns": r.columns,
         "libraries": library_versions(),
         "device": device_info(device),
     }

@@ -66,7 +66,8 @@ _INSPECT_EXAMPLE = """example:
 
 def _console() -> Console:
 
-    return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
+    # piped output is plain text (kiln.table.show): never wrap it at a guessed width
+    return Console(width=None if sys.stdout.isatty() else 1000, soft_wrap=False)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,6 +198,11 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--shard-size", type=int, default=4096, help="items per output shard (default: 4096)")
     pd.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     pd.add_argument("--on-error", choices=("skip", "stop"), default="skip", help="a bad file: skip it (listed) or stop")
+    pd.add_argument("--columns", action="append", default=[], metavar="INPUT=COL,COL,...",
+                    help="tables: the columns that feed INPUT, by name, in the model's order (repeatable; default: "
+                         "kiln.toml's [columns], else a column named INPUT, else the numeric columns in file order)")
+    pd.add_argument("--id-column", metavar="NAME",
+                    help="tables: the column whose values become the items' ids in the output (default: a column 'id')")
     pd.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                     help="run on Ray Data: a local Ray, or the cluster at ADDRESS (pip install 'kiln[ray]')")
     pd.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (actors)")
@@ -293,7 +299,7 @@ def _dim_sizes(items: list[str]) -> dict[str, int]:
 def _build(args: argparse.Namespace) -> int:
     from kiln.builder import build
     from kiln.progress import reporter
-    from kiln.table import variants_table
+    from kiln.table import show, variants_table
     from kiln.verify import Budget
 
     console = _console()
@@ -303,14 +309,14 @@ def _build(args: argparse.Namespace) -> int:
                       int8_min_top1_agreement=args.int8_min_top1, half_min_cosine=args.half_min_cosine),
         precision=args.precision, calib=args.calib, prune=args.prune,
         variants=args.variants.split(",") if args.variants else None, outputs=args.outputs, prefer=args.prefer,
-        max_load_s=args.max_load_s, batch_sizes=_int_list(args.batch, "--batch"), objective=args.objective,
-        backend_names=args.backends.split(",") if args.backends else None, device=args.device,
-        dim_sizes=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),
+        max_load_s=args.max_load_s, batch=_int_list(args.batch, "--batch"), objective=args.objective,
+        backends=args.backends.split(",") if args.backends else None, device=args.device,
+        dim_size=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),
     )
     console.print(f"[bold]{result.name}[/bold]  inputs: {escape(', '.join(map(str, result.inputs)))}  "
                   f"outputs: {escape(', '.join(map(str, result.outputs)))}")
     console.print(f"verified against fp32 reference on {result.verification}")
-    console.print(variants_table([c.to_dict() for c in result.candidates], result.batch_sizes, result.selected))
+    show(console, variants_table([c.to_dict() for c in result.candidates], result.batch_sizes, result.selected))
     for note in dict.fromkeys(result.notes + [n for c in result.candidates for n in c.notes]):
         console.print(f"[dim]note: {escape(note)}[/dim]", highlight=False)
     if result.selected is None:
@@ -407,12 +413,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from rich.table import Table
-
     from kiln.bench.advice import advise, write_config
     from kiln.bench.run import bench, median_curve, report_data, rows, to_csv
     from kiln.progress import reporter
     from kiln.report import write_html
+    from kiln.table import Grid, show
 
     if args.serving and args.p99_ms is None:
         raise KilnError("--serving needs a latency target", hint="add --p99-ms, e.g. --p99-ms 20")
@@ -430,18 +435,17 @@ def _bench(args: argparse.Namespace) -> int:
               threads=args.threads, device=args.device, data=args.data, min_time_s=args.min_time_s,
               progress=reporter(quiet=args.quiet))
     console = _console()
-    table = Table()  # one row per variant: a build can have a dozen of them
-    table.add_column("variant", overflow="fold")
     metrics = rows(r)
-    for label, _ in metrics:
-        table.add_column(label, justify="right", no_wrap=True, min_width=len(label))
+    table = Grid(None, ["variant", *(label for label, _ in metrics)])  # one row per variant: a build can have a dozen
     for i, v in enumerate(r.variants):
-        table.add_row(escape(v.variant + (" *" if v.selected else "")), *(cells[i] for _, cells in metrics))
+        if v.selected:
+            table.marked = i
+        table.add([v.variant + (" *" if v.selected else ""), *(cells[i] for _, cells in metrics)])
     failed = [v for v in r.variants if v.status != "accepted"]
     if args.json != "-" and args.csv != "-":
         console.print(f"{r.model} v{r.version} on {r.device}, {r.threads} thread(s); accuracy {r.accuracy_source}",
                       highlight=False)
-        console.print(table)
+        show(console, table)
         for v in failed:
             console.print(f"[red]{escape(v.variant)} failed: {escape(v.reason)}[/red]")
     if args.json:
@@ -470,18 +474,16 @@ def _profile(args: argparse.Namespace) -> int:
 
     result = profile(args.path, variant=args.variant, batch=args.batch, steps=args.steps, device=args.device,
                      trace=args.trace, memory=args.memory)
-    console = _console()
-    from rich.table import Table
+    from kiln.table import Grid, show
 
+    console = _console()
     console.print(f"{result.variant} at batch {args.batch}: top operators by self time over {args.steps} runs "
                   f"({result.profiler})", highlight=False)
-    t = Table()
-    for col in ("operator", "self ms", "self %", "calls"):
-        t.add_column(col, justify="left" if col == "operator" else "right")
+    t = Grid(None, ["operator", "self ms", "self %", "calls"])
     total = sum(o.self_ms for o in result.ops) or 1.0
     for o in result.ops[: args.top]:
-        t.add_row(escape(o.name), f"{o.self_ms:.3f}", f"{100 * o.self_ms / total:.1f}", str(o.calls))
-    console.print(t)
+        t.add([o.name, f"{o.self_ms:.3f}", f"{100 * o.self_ms / total:.1f}", str(o.calls)])
+    show(console, t)
     if result.trace:
         console.print(f"trace: {result.trace} (open in chrome://tracing or ui.perfetto.dev)", highlight=False)
     if result.memory:
@@ -492,28 +494,39 @@ def _profile(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from kiln.predict import predict
 
+    columns = {}
+    for item in args.columns:
+        name, _, cols = item.partition("=")
+        if not name or not cols:
+            raise KilnError(f"bad --columns {item!r}", hint="write INPUT=col1,col2,... e.g. --columns x=age,income")
+        columns[name] = [c.strip() for c in cols.split(",") if c.strip()]
     s = predict(args.model, args.inputs, args.out, batch=args.batch, workers=args.workers, device=args.device,
                 variant=args.variant, shard_size=args.shard_size, resume=args.resume, on_error=args.on_error,
                 ray=args.ray, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
-                progress=not args.quiet)
+                progress=not args.quiet, columns=columns or None, id_column=args.id_column)
+    for note in s.notes:
+        print(f"note: {note}", file=sys.stderr)
     resumed = f" ({s.resumed_items} from the earlier run)" if s.resumed_items else ""
+    skipped = f"; {len(s.skipped)} item{'s' * (len(s.skipped) != 1)} skipped" if s.skipped else ""
+    ignored = f"; {len(s.ignored)} file{'s' * (len(s.ignored) != 1)} ignored" if s.ignored else ""
     print(f"wrote {s.written} of {s.items} items{resumed} to {s.out} in {s.elapsed_s:.1f}s "
-          f"({s.items_per_s:,.0f} items/s, {s.engine}); skipped {len(s.skipped)}")
-    for src, err in s.skipped[:20]:
-        print(f"  skipped {src}: {err}")
-    if len(s.skipped) > 20:
-        print(f"  ... and {len(s.skipped) - 20} more")
+          f"({s.items_per_s:,.0f} items/s, {s.engine}){skipped}{ignored}")
+    for what, rows in (("skipped", s.skipped), ("ignored", s.ignored)):
+        for src, err in rows[:20]:
+            print(f"  {what} {src}: {err}")
+        if len(rows) > 20:
+            print(f"  ... and {len(rows) - 20} more {what}")
     return 0
 
 
 def _distill(args: argparse.Namespace) -> int:
     from kiln.distiller import distill
     from kiln.progress import reporter
-    from kiln.table import variants_table
+    from kiln.table import show, variants_table
 
     opts: dict[str, Any] = {"precision": args.precision}
     if args.backends:
-        opts["backend_names"] = args.backends.split(",")
+        opts["backends"] = args.backends.split(",")
     r = distill(args.teacher, data=args.data, student=args.student, student_weights=args.student_weights,
                 weights=args.weights, inputs=args.inputs, repo=args.repo, name=args.name, width=args.width,
                 prune=args.prune, epochs=args.epochs, max_minutes=args.max_minutes, batch=args.batch, lr=args.lr,
@@ -526,7 +539,7 @@ def _distill(args: argparse.Namespace) -> int:
     console.print(f"trained {s['epochs']} epoch(s) on {s['train_items']} items, {escape(r.stopped)}; best held-out loss "
                   f"{s['best_heldout_loss']:.4f}; parameters {s['teacher_parameters']:,} -> {s['student_parameters']:,}",
                   highlight=False)
-    console.print(variants_table([c.to_dict() for c in r.build.candidates], r.build.batch_sizes, r.build.selected))
+    show(console, variants_table([c.to_dict() for c in r.build.candidates], r.build.batch_sizes, r.build.selected))
     ev = s.get("eval")
     if ev and "student_accuracy" in ev:
         console.print(f"on {ev['data']} ({ev['items']} items): teacher {ev['teacher_accuracy']:.2%}, student "
@@ -544,7 +557,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from kiln import repository
-    from kiln.table import variants_table
+    from kiln.table import show, variants_table
 
     vdir, m = repository.resolve(args.path)
     if args.json:
@@ -558,7 +571,7 @@ def _inspect(args: argparse.Namespace) -> int:
     console.print(escape("inputs:  " + ", ".join(_spec(s) for s in m["inputs"])), highlight=False)
     console.print(escape("outputs: " + ", ".join(_spec(s) for s in m["outputs"])), highlight=False)
     console.print(escape(f"verified on {m['verification']['data']}; budget {m['verification']['budget']}"), highlight=False)
-    console.print(variants_table(m["candidates"], m["batch_sizes"], m["selected"]))
+    show(console, variants_table(m["candidates"], m["batch_sizes"], m["selected"]))
     lib = m["libraries"]
     console.print(f"selected [bold]{m['selected']}[/bold] ({m['objective']}); built with " + ", ".join(f"{k} {v}" for k, v in lib.items())
                   + f"; device {m['device'].get('device')} ({m['device'].get('cpu')})", highlight=False)

@@ -124,11 +124,11 @@ def distill(teacher: str, *, data: str | Path, student: str | None = None, stude
         arrays["labels"] = labels[held]
     np.savez(held_file, **arrays)
 
-    opts = {"batch_sizes": (1, 32), **(build_options or {})}
+    opts = {"batch": (1, 32), **(build_options or {})}
     result = build(source, weights=weights_file, inputs=list(t.inputs), name=name or f"{t.name}-student", repo=repo,
                    data=held_file, report=False, **opts)
     summary = _against_teacher(result, t, [a[held] for a in x_all], [o[held].numpy() for o in t_out],
-                               labels[held] if labels is not None else None, opts["batch_sizes"])
+                               labels[held] if labels is not None else None, opts["batch"])
     summary.update(teacher=t.text, teacher_sha256=t.sha256, student=source.split("/")[-1], derived=derived,
                    data=Path(data).name, data_sha256=sha256_file(Path(data)), seed=seed, temperature=temperature,
                    alpha=alpha, holdout_items=int(n_held), train_items=int(len(train)), stopped=stopped,

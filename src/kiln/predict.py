@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,9 @@ OnError = Literal["skip", "stop"]
 
 @dataclass
 class Summary:
+    """`items` = `written` + len(`skipped`): every item found is either written or skipped with its reason.
+    `ignored` lists files that held no items kiln could read (not an input, unreadable, wrong shape)."""
+
     out: Path
     items: int
     written: int
@@ -36,15 +39,23 @@ class Summary:
     elapsed_s: float
     items_per_s: float
     engine: str = "local"
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, batch: int = 64, workers: int = 0,
             device: str = "cpu", variant: str | None = None, shard_size: int = 4096, resume: bool = False,
             on_error: OnError = "skip", preprocess: dict[str, Any] | None = None, ray: str | bool | None = None,
-            replicas: int = 1, gpus_per_replica: float = 0.0, progress: bool | None = None) -> Summary:
+            replicas: int = 1, gpus_per_replica: float = 0.0, progress: bool | None = None,
+            columns: dict[str, list[str]] | None = None, id_column: str | None = None) -> Summary:
     """Run a built model over files and folders; write OUT (.npz or .parquet).
 
     >>> predict("models/digits", ["test.npz"], "preds.npz", batch=256, workers=2)
+    >>> predict("models/churn", ["customers.parquet"], "scores.parquet", columns={"x": ["age", "tenure", "spend"]})
+
+    Tables feed inputs by column name (`columns`, else the model's [columns] from kiln.toml, else a column named
+    like the input, else the numeric columns of the first table in its order); a column named `id` (or
+    `id_column`) becomes the items' ids. Rows with NaN or missing values are skipped with the column named.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -58,7 +69,12 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
     specs = [TensorSpec.from_dict(s) for s in m["inputs"]]
     outputs = [TensorSpec.from_dict(s) for s in m["outputs"]]
     prep = Preprocess.from_dict({**m.get("preprocess", {}), **(preprocess or {})})
-    items, bad_files = collect(list(inputs), specs, prep)
+    items, bad_files = collect(list(inputs), specs, prep, columns=columns or m.get("columns") or None, id_column=id_column)
+    notes = list(items.notes)
+    if items.kind == "images" and not m.get("preprocess") and not preprocess:
+        notes.insert(0, "the model has no [preprocess]: images are read as RGB, scaled by 1/255, laid out CHW, with "
+                        "no mean/std normalisation. If it was trained on other pixels its outputs are wrong: add "
+                        "[preprocess] (mode, resize, crop, scale, mean, std, layout) to its kiln.toml and rebuild")
     if bad_files and on_error == "stop":
         path, err = bad_files[0]
         raise KilnError(f"bad input {path}: {err}", hint="fix or remove it, or pass --on-error skip")
@@ -86,8 +102,8 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
                                       for x in plan.manifest["done"][s]["skipped"]]
     written = finish(plan, out)
     elapsed = time.perf_counter() - t0
-    return Summary(out, len(items.ids), written, [*bad_files, *skipped], done_items, elapsed,
-                   (len(items.ids) - done_items) / elapsed if elapsed > 0 else 0.0, engine)
+    return Summary(out, len(items.ids), written, skipped, done_items, elapsed,
+                   (len(items.ids) - done_items) / elapsed if elapsed > 0 else 0.0, engine, bad_files, notes)
 
 
 class _BatchDataset(torch.utils.data.Dataset):

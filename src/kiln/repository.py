@@ -179,5 +179,6 @@ def load(path: str | Path, *, device: str = "cpu", variant: str | None = None, t
         raise KilnError(f"cannot load {entry['variant']} on {device}: {e}",
                         hint="pick another device, or another variant with variant=...") from None
     runner.variant = entry["variant"]
+    runner.as_dict = manifest.get("output_structure") == "dict"
     runner.info.update(model=manifest["name"], version=manifest["version"])
     return runner

@@ -20,10 +20,12 @@ _INT_KINDS = "iu"
 
 @dataclass
 class Runner:
-    """Calls one variant. Numpy in gives numpy out; tensors in give tensors out.
+    """Calls one variant. Numpy in gives numpy out; tensors in give tensors out. One output comes back as an array,
+    several as a tuple in the manifest's order, and a model whose forward() returns a dict gives a dict.
 
     >>> runner = kiln.load("models/digits")
     >>> logits = runner(np.zeros((4, 1, 8, 8), np.float32))      # or runner(image=...)
+    >>> runner.named(image=x)                                      # always {output name: array}
     """
 
     variant: str
@@ -32,11 +34,15 @@ class Runner:
     fn: BatchFn
     device: str = "cpu"
     info: dict[str, Any] = field(default_factory=dict)
+    as_dict: bool = False
+    """forward() returned a dict: calls return {output name: array} (kiln.load sets it from the manifest)"""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         numpy_out = not any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values()))
         outs = self.run(self.validate(args, kwargs))
         res = [o.float().numpy(force=True) if o.dtype == torch.bfloat16 else o.numpy(force=True) for o in outs] if numpy_out else list(outs)
+        if self.as_dict:
+            return {s.name: r for s, r in zip(self.outputs, res)}
         return res[0] if len(res) == 1 else tuple(res)
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -50,6 +56,8 @@ class Runner:
     def named(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Like calling the runner, but returns a dict keyed by output name."""
         res = self(*args, **kwargs)
+        if isinstance(res, dict):
+            return res
         res = res if isinstance(res, tuple) else (res,)
         return {s.name: r for s, r in zip(self.outputs, res)}
 
@@ -94,6 +102,8 @@ def check_tensor(spec: TensorSpec, a: Any, sizes: dict[str, int]) -> torch.Tenso
     if len(shape) != len(spec.shape) or not spec.matches(shape):
         hint = layout_hint(spec, shape) or ("add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape")
         raise KilnError(f'expected input "{spec.name}" {expect}, got {got_dtype}[{",".join(map(str, shape))}]', hint=hint)
+    if kind in _INT_KINDS:
+        _check_fits(spec, a)
     for i, d in spec.dynamic_dims.items():
         if shape[i] == 0:
             raise KilnError(f'input "{spec.name}" has an empty dim {d!r}', hint="send at least one item")
@@ -101,6 +111,19 @@ def check_tensor(spec: TensorSpec, a: Any, sizes: dict[str, int]) -> torch.Tenso
             raise KilnError(f'dim {d!r} is {sizes[d]} in an earlier input but {shape[i]} in "{spec.name}"',
                             hint="inputs that share a dim name must agree on its size")
     return to_tensor(a, spec)
+
+
+def _check_fits(spec: TensorSpec, a: np.ndarray | torch.Tensor) -> None:
+    """Integers are converted to the input's type (as the server does); values that would wrap around are refused."""
+    want = spec.torch_dtype
+    n = a.numel() if isinstance(a, torch.Tensor) else a.size
+    if want.is_floating_point or want == torch.bool or str(a.dtype).replace("torch.", "") == spec.dtype or not n:
+        return
+    info = torch.iinfo(want)
+    lo, hi = (int(a.min()), int(a.max()))
+    if lo < info.min or hi > info.max:
+        raise KilnError(f'input "{spec.name}" is {spec.dtype}; values {lo}..{hi} do not fit in it',
+                        hint=f"map them into {info.min}..{info.max}")
 
 
 def _kind(a: np.ndarray | torch.Tensor) -> str:

@@ -138,11 +138,14 @@ def write_parquet(path: Path, ids: np.ndarray, specs: list[TensorSpec], outs: li
     cols = {"id": pa.array(ids.tolist(), pa.string())}
     meta = {}
     for spec, a in zip(specs, outs):
-        flat = a.reshape(len(a), -1)
-        if flat.shape[1] == 1 and a.ndim == 1:
+        if a.ndim == 1:
             cols[spec.name] = pa.array(a)
-        else:
-            cols[spec.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
-            meta[f"kiln.shape.{spec.name}"] = json.dumps(list(a.shape[1:]))
+            continue
+        # one row per item, nested fixed-size lists that keep the item's shape ([seq, hidden] stays 2-D)
+        col = pa.array(np.ascontiguousarray(a).ravel())
+        for d in reversed(a.shape[1:]):
+            col = pa.FixedSizeListArray.from_arrays(col, d)
+        cols[spec.name] = col
+        meta[f"kiln.shape.{spec.name}"] = json.dumps(list(a.shape[1:]))
     table = pa.table(cols).replace_schema_metadata(meta)
     pq.write_table(table, path)

@@ -52,8 +52,9 @@ def run_module(model: nn.Module, inputs: list[torch.Tensor]) -> Any:
             ) from None
 
 
-def discover_outputs(model: nn.Module, inputs: list[TensorSpec]) -> list[TensorSpec]:
-    """Run the model at two sets of dynamic sizes and name each output dim that follows an input dim."""
+def discover_outputs(model: nn.Module, inputs: list[TensorSpec]) -> tuple[list[TensorSpec], bool]:
+    """Run the model at two sets of dynamic sizes and name each output dim that follows an input dim.
+    Also says whether forward() returns a dict (of tensors, by name)."""
     runs = []
     for scale in (0, 1):
         sizes = example_sizes(inputs, scale=scale)
@@ -78,7 +79,8 @@ def discover_outputs(model: nn.Module, inputs: list[TensorSpec]) -> list[TensorS
             dim = next((n for n in runs[0][0] if runs[0][0][n] == da and runs[1][0][n] == db), None)
             shape.append(dim or f"{name}_dim{k}")
         specs.append(TensorSpec(name, dtype_name(a.dtype), tuple(shape)))
-    return specs
+    out0 = runs[0][1]
+    return specs, isinstance(out0, dict) and len(out0) == len(runs[0][2])
 
 
 def is_classifier(spec: TensorSpec) -> bool:

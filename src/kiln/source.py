@@ -51,6 +51,49 @@ class ModelSource:
     """Files the model imported from its own folder (the model file first), relative to that folder."""
     from_artifact: bool = False
     """The code is an artifact's copy: import it without writing bytecode beside it (it would be an extra file)."""
+    instance: nn.Module | None = None
+    """An nn.Module given in memory (kiln.build(module)); path/module and attr say how to rebuild it, if they can."""
+
+    @classmethod
+    def from_module(cls, model: nn.Module) -> ModelSource:
+        """kiln.build(module): the module is used as given (a copy). Variants that carry code (eager, compile) need
+        its class to be rebuilt with no arguments from its file or installed package; when it cannot be (defined in
+        __main__ or a notebook, or its constructor needs arguments), those variants are skipped and say why."""
+        import inspect
+
+        klass = type(model)
+        name, qual = klass.__module__, klass.__qualname__
+        text = f"<in-memory {qual}>"
+        weights_sha = state_dict_sha256(model)
+        mod = sys.modules.get(name)
+        file = getattr(mod, "__file__", None)
+        why = ""
+        if name == "__main__" or file is None or "." in qual or "<" in qual:
+            why = f"its class {qual} is defined in {'__main__ (a script or notebook)' if name == '__main__' else name}"
+        else:
+            try:
+                required = [p.name for p in inspect.signature(klass).parameters.values()
+                            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            except (TypeError, ValueError):
+                required = []
+            if required:
+                why = f"{qual}() needs arguments ({', '.join(required)})"
+        if why:
+            return cls("python", text, attr=klass.__name__, weights_sha256=weights_sha, instance=model, notes=[
+                f"{text}: {why}, so the variants that carry model code (eager, compile) cannot rebuild it and are "
+                "skipped; the exported ones (torchscript, aoti, onnxruntime) carry the graph. For all of them, "
+                "point kiln at a factory: kiln.build('file.py:make_model')"])
+        path = Path(file).resolve()  # type: ignore[arg-type]
+        installed = any(part in ("site-packages", "dist-packages") for part in path.parts)
+        if installed:
+            return cls("python", text, module=name, attr=qual, weights_sha256=weights_sha, instance=model)
+        return cls("python", text, path=path, attr=qual, sha256=sha256_file(path), weights_sha256=weights_sha,
+                   instance=model)
+
+    @property
+    def rebuildable(self) -> bool:
+        """Model code can be carried into an artifact (a file or a package to import, and a class to call)."""
+        return self.kind != "python" or self.path is not None or self.module is not None
 
     @classmethod
     def parse(cls, text: str, *, weights: str | Path | None = None) -> ModelSource:
@@ -105,9 +148,25 @@ class ModelSource:
         return out
 
 
+def state_dict_sha256(model: nn.Module) -> str:
+    """A hash of a module's weights (names, dtypes, shapes, bytes), for an in-memory module's manifest."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_module(src: ModelSource) -> nn.Module:
     """Instantiate the model in eval mode with its weights. ONNX sources have no torch module."""
-    if src.kind == "python":
+    if src.instance is not None:
+        import copy
+
+        model = copy.deepcopy(src.instance)  # the caller's module is left as it was (no eval(), no folding)
+        if src.rebuildable:
+            _import_attr(src)  # record the files it imports, so that an artifact carries them
+    elif src.kind == "python":
         obj = _import_attr(src)
         try:
             model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj

@@ -176,7 +176,7 @@ def load_toml_specs(path: Path) -> tuple[str | None, list[TensorSpec]]:
     return (str(name) if name else None), inputs
 
 
-_TOML_KEYS = ("name", "inputs", "outputs", "preprocess")
+_TOML_KEYS = ("name", "inputs", "outputs", "preprocess", "columns")
 _INPUT_KEYS = ("name", "dtype", "shape", "range", "max")
 _OUTPUT_KEYS = ("name", "kind")
 
@@ -192,6 +192,21 @@ def load_toml_outputs(path: Path) -> dict[str, str]:
         _check_keys(table, _OUTPUT_KEYS, where)
         kinds[str(table["name"])] = parse_output_kind(f"{table['name']}:{table['kind']}")[1]
     return kinds
+
+
+def load_toml_columns(path: Path, inputs: list[TensorSpec]) -> dict[str, list[str]]:
+    """`[columns]`: the table columns that feed each input, by name, in the order the model was trained with
+    (`x = ["age", "income", "tenure"]`); `kiln predict` reads tables by these names."""
+    cols = tomllib.loads(path.read_text()).get("columns", {})
+    names = [s.name for s in inputs]
+    out = {}
+    for k, v in cols.items():
+        if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+            raise KilnError(f"{path} [columns] {k}: must be a list of column names", hint='write x = ["age", "income"]')
+        if names and k not in names:
+            raise KilnError(f"{path} [columns] names {k!r}, but the model's inputs are {names}", hint="use an input's name")
+        out[str(k)] = list(v)
+    return out
 
 
 def parse_output_kind(text: str) -> tuple[str, str]:

@@ -87,9 +87,12 @@ def test_tritonclient(server: ServerThread) -> None:
     assert stats["inference_count"] >= 15 and stats["inference_stats"]["success"]["count"] >= 3
     index = {m["name"]: m["state"] for m in client.get_model_repository_index()}
     assert index["two"] == "READY" and index["digits"] == "READY"
-    with pytest.raises(triton.InferenceServerException, match="must have datatype FP32"):
-        bad = triton.InferInput("a", [5, 4], "FP64")
-        bad.set_data_from_numpy(a.astype(np.float64))
+    wide = triton.InferInput("a", [5, 4], "FP64")  # numpy's default dtype: converted, as kiln.load's runner does
+    wide.set_data_from_numpy(a.astype(np.float64))
+    np.testing.assert_allclose(client.infer("two", [wide, ins[1]]).as_numpy("score"), score, rtol=1e-6)
+    with pytest.raises(triton.InferenceServerException, match="it takes any of FP16/FP32/FP64, got 'INT32'"):
+        bad = triton.InferInput("a", [5, 4], "INT32")
+        bad.set_data_from_numpy(a.astype(np.int32))
         client.infer("two", [bad, ins[1]])
 
 

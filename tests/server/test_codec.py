@@ -27,6 +27,23 @@ def test_json_flat_and_nested() -> None:
         assert d.arrays[0].dtype == np.float32 and d.rows == 2  # type: ignore[attr-defined]
 
 
+def test_the_api_dtype_rule_float64_in_float32_out() -> None:
+    """Same rule as kiln.runner: any float datatype for a float input, any integer one that fits for an int input."""
+    d = decode(req(datatype="FP64"))
+    assert d.arrays[0].dtype == np.float32  # type: ignore[attr-defined]
+    x = np.arange(4, dtype=np.float64).reshape(2, 2)
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "FP64", "shape": [2, 2],
+                                   "parameters": {"binary_data_size": 32}}]}).encode()
+    np.testing.assert_array_equal(decode(head + x.tobytes(), str(len(head))).arrays[0], x)  # type: ignore[attr-defined]
+    ids = [TensorSpec("ids", "int32", ("batch", 2))]
+    body = json.dumps({"inputs": [{"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}]}).encode()
+    doc, tail = split_body(body, None)
+    assert decode_request(doc, tail, ids, OUT, batched=True).arrays[0].dtype == np.int32
+    doc, tail = split_body(body.replace(b"[1, 2]}", b"[1, 4294967296]}"), None)
+    with pytest.raises(BadRequest, match=r"INT64 values 1..4294967296 do not fit"):
+        decode_request(doc, tail, ids, OUT, batched=True)
+
+
 def test_binary_round_trip() -> None:
     x = np.arange(4, dtype=np.float32).reshape(2, 2)
     head = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [2, 2],
@@ -44,7 +61,8 @@ def test_binary_round_trip() -> None:
     (b"[1,2]", None, "must be a JSON object"),
     (b'{"inputs": []}', None, "non-empty list"),
     (req(name="pixels"), None, "unknown ['pixels'], missing ['image']"),
-    (req(datatype="FP64"), None, "must have datatype FP32, got 'FP64'"),
+    (req(datatype="INT64"), None, "it takes any of FP16/FP32/FP64, got 'INT64'"),
+    (req(datatype="FP64", data=[1, 2, 3, 1e300]), None, "NaN or infinity"),  # does not fit in FP32
     (req(shape=[4]), None, "add a batch dimension"),
     (req(shape=[2, 3], data=[1] * 6), None, 'expected input "image" FP32[batch,2], got shape [2, 3]'),
     (req(data=[1, 2, 3]), None, "has 4 elements but \"data\" has 3"),

@@ -37,8 +37,8 @@ def hard_repo(serve_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     repo = tmp_path_factory.mktemp("hard")
     for name in ("digits", "poison", "slow"):
         shutil.copytree(serve_repo / name, repo / name)
-    kiln.build(f"{ZOO}:Encoder", inputs=ENCODER_SPECS, name="encoder", repo=repo, backend_names=("eager",),
-               batch_sizes=(1,), report=False)
+    kiln.build(f"{ZOO}:Encoder", inputs=ENCODER_SPECS, name="encoder", repo=repo, backends=("eager",),
+               batch=(1,), report=False)
     return repo
 
 

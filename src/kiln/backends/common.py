@@ -151,6 +151,8 @@ def save_python_source(subject: Subject, directory: Path) -> dict[str, Any]:
 
     src = subject.source
     module = require_module(subject, "this backend")
+    if not src.rebuildable:
+        raise Skip(f"{src.text} cannot be rebuilt from code (see the note); give a file.py:factory source for this variant")
     meta: dict[str, Any] = {"source_kind": src.kind}
     if src.kind == "python":
         if src.path is not None:

@@ -19,6 +19,8 @@ NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np
          "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_, "UINT16": np.uint16,
          "UINT32": np.uint32, "UINT64": np.uint64}
 HEADER_LENGTH = "inference-header-content-length"
+_FLOATS = ("FP16", "FP32", "FP64")
+_INTS = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
 
 
 class BadRequest(Exception):
@@ -125,11 +127,37 @@ def decode_request(doc: dict[str, Any], tail: memoryview, inputs: list[TensorSpe
     return Decoded(str(rid) if rid is not None else None, arrays, rows, selected, binary, params)
 
 
+def accepts(want: str, sent: object) -> bool:
+    """The dtype rule that the Python API (kiln.runner) follows too: a float input takes any float datatype, an
+    integer input any integer datatype; the values are converted to the model's type (and checked to fit)."""
+    return sent == want or (want in _FLOATS and sent in _FLOATS) or (want in _INTS and sent in _INTS)
+
+
+def _convert(a: np.ndarray, spec: TensorSpec, want: str, sent: str) -> np.ndarray:
+    """`sent` data as the model's `want` type; integers that do not fit are refused, not wrapped around."""
+    target = np.dtype(NUMPY[want])
+    if want in _INTS and a.size:
+        info = np.iinfo(want.lower())
+        lo, hi = a.min(), a.max()
+        if lo < info.min or hi > info.max:
+            raise BadRequest(f'input "{spec.name}" is {want}; {sent} values {lo}..{hi} do not fit in it')
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, which the finite check refuses
+        return a.astype(target)
+
+
 def _decode_tensor(t: dict[str, Any], spec: TensorSpec, tail: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    a, offset, sent = _decode_as_sent(t, spec, tail, offset)
     want = DATATYPES[spec.dtype]
+    return (a if sent == want or want == "BF16" else _convert(a, spec, want, sent)), offset
+
+
+def _decode_as_sent(t: dict[str, Any], spec: TensorSpec, tail: memoryview, offset: int) -> tuple[np.ndarray, int, str]:
+    model = DATATYPES[spec.dtype]
     dt = t.get("datatype")
-    if dt != want:
-        raise BadRequest(f'input "{spec.name}" must have datatype {want}, got {dt!r}; convert the data to {want}')
+    if not accepts(model, dt):
+        kinds = "any of FP16/FP32/FP64" if model in _FLOATS else "any integer datatype" if model in _INTS else model
+        raise BadRequest(f'input "{spec.name}" is {model}: it takes {kinds}, got {dt!r}; convert the data to {model}')
+    want = str(dt)
     shape = t.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f'input "{spec.name}" needs "shape": a list of non-negative integers, got {shape!r}')
@@ -148,7 +176,7 @@ def _decode_tensor(t: dict[str, Any], spec: TensorSpec, tail: memoryview, offset
         a = np.frombuffer(tail[offset:offset + size], dtype=np_dtype).reshape(shape)
         if want == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)  # bfloat16 bits -> float32, exact
-        return a, offset + size
+        return a, offset + size, want
     if want in ("BF16",):
         raise BadRequest(f'input "{spec.name}" is BF16, which JSON cannot carry; send it as binary data')
     data = t.get("data")
@@ -160,7 +188,7 @@ def _decode_tensor(t: dict[str, Any], spec: TensorSpec, tail: memoryview, offset
         raise BadRequest(f'input "{spec.name}": "data" must be a flat or nested list of {want} numbers') from None
     if a.size != count:
         raise BadRequest(f'input "{spec.name}": shape {shape} has {count} elements but "data" has {a.size}')
-    return a.reshape(shape), offset
+    return a.reshape(shape), offset, want
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], sizes: dict[str, int]) -> None:
