@@ -58,6 +58,7 @@ def test_inspect(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     p = run(sys.executable, "-m", "kiln", "inspect", str(repo / "digits"))
     assert p.returncode == 0, p.stderr
     assert "digits version 1" in p.stdout and "image:float32[batch,1,8,8]" in p.stdout and "sha256" in p.stdout
+    assert "curl -s http://localhost:8000/v2/models/digits/infer" in p.stdout and "import tritonclient.http" in p.stdout
     p = run(sys.executable, "-m", "kiln", "inspect", str(repo / "digits" / "1"), "--json")
     assert p.returncode == 0 and '"selected"' in p.stdout
     p = run(sys.executable, "-m", "kiln", "inspect", str(repo / "nothing"))
@@ -150,3 +151,33 @@ def test_bench_cli(demo: tuple[subprocess.CompletedProcess[str], Path], tmp_path
     assert doc["batch_sizes"] == [2] and all(v["timings"][0]["p50_ms"] > 0 for v in doc["variants"])
     p = run(sys.executable, "-m", "kiln", "bench", str(model), "--serving")
     assert p.returncode == 2 and "--p99-ms" in p.stderr
+
+
+def test_init_writes_a_kiln_toml_that_builds(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """kiln init guesses from the model (an Embedding vocabulary is the ids' range, the position table caps seq, a
+    mask is 0/1) and the file it writes is what kiln build then reads."""
+    import shutil
+
+    from kiln.cli import main
+
+    monkeypatch.chdir(ROOT)
+    shutil.copy(ROOT / "tests" / "zoo.py", tmp_path / "zoo.py")
+    assert main(["init", f"{tmp_path}/zoo.py:Encoder"]) == 0
+    text = (tmp_path / "kiln.toml").read_text()
+    assert 'shape = ["batch", "seq<=64"]' in text and "range = [0, 99]" in text and "range = [0, 1]" in text
+    assert 'name = "output1"' in text and 'kind = "logits"' in text
+    assert main(["init", f"{tmp_path}/zoo.py:Encoder"]) == 2 and "pass --force" in capsys.readouterr().err
+    r = kiln.build(f"{tmp_path}/zoo.py:Encoder", repo=tmp_path / "repo", backends="eager", precision="fp32")
+    assert [str(s) for s in r.inputs] == ["ids:int64[batch,seq<=64]@0..99", "mask:int64[batch,seq<=64]@0..1"]
+    assert r.selected == "eager/fp32"
+    # versions: one line per version; --keep prunes the old ones and never the newest
+    kiln.build(f"{tmp_path}/zoo.py:Encoder", repo=tmp_path / "repo", backends="eager", precision="fp32")
+    capsys.readouterr()
+    assert main(["versions", str(tmp_path / "repo" / "encoder")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["version", "created", "selected", "objective", "size", "MB"]
+    assert [ln.split()[0] for ln in out[1:]] == ["2", "1"] and "eager/fp32" in out[1]
+    assert main(["versions", str(tmp_path / "repo" / "encoder"), "--keep", "1"]) == 0
+    assert "removed" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "repo" / "encoder").iterdir()) == ["2"]
+    assert main(["versions", str(tmp_path / "repo" / "encoder"), "--keep", "0"]) == 2

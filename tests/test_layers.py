@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("kiln.backends",)),
     ("repository", ("kiln.repository",)),
     ("build", ("kiln.verify", "kiln.selection", "kiln.plan", "kiln.builder", "kiln.distiller", "kiln.bench", "kiln.report", "kiln.profile",
-               "kiln.table")),
+               "kiln.table", "kiln.scaffold")),
     ("serve", ("kiln.server", "kiln.predict", "kiln.shards", "kiln.ray")),
     ("cli", ("kiln.cli", "kiln.__main__")),
     ("api", ("kiln",)),  # the package root: the public functions, imported lazily on first use

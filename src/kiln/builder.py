@@ -26,7 +26,8 @@ from kiln.backends.common import Subject, first_line
 from kiln.bench.timing import Timing, time_runner
 from kiln.data import VerifyData, batch_dim, timing_inputs, verification_data
 from kiln.errors import KilnError, Skip
-from kiln.plan import Variant, plan, probe_low_precision
+from kiln.plan import Estimate, Variant, cost, plan, probe_low_precision
+from kiln.plan import quick as quick_plan
 from kiln.progress import Reporter, Silent
 from kiln.runner import Runner
 from kiln.selection import is_lossy, select
@@ -37,6 +38,7 @@ from kiln.verify import Budget, compare, infer_kind, judge, to_dict
 
 Objective = Literal["latency", "throughput"]
 _STEPS = 4  # per variant: export, load, verify, time
+QUICK_BUDGET_S = 60.0
 Status = Literal["accepted", "rejected", "skipped", "failed"]
 
 
@@ -115,7 +117,8 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
           progress: Reporter | None = None, report: bool = True, precision: str = "auto",
           calib: str | Path | None = None, prune: float | None = None,
           variants: Sequence[str] | None = None, outputs: Sequence[str] | dict[str, str] | None = None,
-          prefer: Literal["fastest", "lossless"] = "fastest", max_load_s: float | None = None) -> BuildResult:
+          prefer: Literal["fastest", "lossless"] = "fastest", max_load_s: float | None = None,
+          quick: bool = False, time_budget_s: float | None = None) -> BuildResult:
     """Build, verify and select; write repo/<name>/<version>/ and return what happened.
 
     >>> result = kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors",
@@ -130,6 +133,8 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
     `variants` keeps only variants matching these glob patterns (e.g. ["compile/fp16*", "eager/fp32*"]).
     `outputs` declares output kinds ({"embedding": "embedding"} or ["embedding:embedding"]); undeclared ones are
     inferred and said. `prefer="lossless"` keeps an fp32 variant; `max_load_s` rules out variants slower to load.
+    `quick` tries only the variants likeliest to win for their build cost (and sets a 60 s `time_budget_s` unless
+    one is given); with a time budget, a variant whose expected build time would pass it is skipped, and says so.
     The stages, each usable alone: resolve -> plan_variants -> verification data and reference outputs ->
     run_variant (export, load back, verify, time) for each -> select -> write_repository -> report.
     """
@@ -154,6 +159,10 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
         res = resolve(source, weights=weights, inputs=inputs, name=name, device=device, outputs=outputs)
         todo = plan(names, precision=precision, device=device, module=res.module, prune=prune, patterns=variants,
                     transformable=res.source.kind == "python", source_kind=res.source.kind)
+        left_by_name: dict[str, str] = {}
+        if quick:
+            _, left_by_name = quick_plan(todo)
+            time_budget_s = QUICK_BUDGET_S if time_budget_s is None else time_budget_s
         int8_static = any(v.recipe.precision == "int8-static" for v in todo)
         verify = verification_data(res.inputs, Path(data) if data else None, calib=Path(calib) if calib else None,
                                    hold_out=int8_static)
@@ -161,7 +170,13 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
         left_out: dict[str, str] = {}
         if res.module is not None and device == "cpu" and precision == "auto" and any(v.recipe.dtype for v in todo):
             left_out = probe_low_precision(res.module, timing_inputs(res.inputs, sizes[-1], verify, dim_sizes))
-        prog.start(sum(v.recipe.precision not in left_out for v in todo) * _STEPS)
+        for v in todo:
+            if v.recipe.precision in left_out:
+                left_by_name.setdefault(v.name, left_out[v.recipe.precision])
+        if quick:  # likeliest first, so that a time budget cuts the least promising
+            todo.sort(key=lambda v: (v.name in left_by_name, v.name != "eager/fp32", cost(v)))
+        runnable = [v for v in todo if v.name not in left_by_name]
+        prog.start(len(runnable) * _STEPS)
         prog.note(f"verifying against fp32 {'eager' if res.module is not None else 'onnxruntime'} on {verify.description}")
         notes = list(res.source.notes)
         if not verify.from_user:
@@ -171,14 +186,25 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
         res.outputs = kinds_of(res.outputs, ref_out, notes)
         subject = Subject(res.source, res.module, res.inputs, res.outputs, example_inputs(res.inputs), device)
         runners: dict[str, Runner] = {}
+        est = Estimate([cost(v) for v in runnable], fixed_s=len(runnable) * 0.5)  # + selection's rounds
+        t_start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kiln-build-") as tmp:
-            candidates = [
-                Candidate(v.name, v.backend, v.recipe.precision, list(v.recipe.passes), "skipped", left_out[v.recipe.precision])
-                if v.recipe.precision in left_out else
-                run_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out, budget, sizes,
-                            dim_sizes, prog, keep=runners)
-                for v in todo
-            ]
+            candidates = []
+            for v in todo:
+                why = left_by_name.get(v.name)
+                nxt = est.next_s() if why is None else None
+                if why is None and time_budget_s is not None and nxt is not None \
+                        and time.perf_counter() - t_start + nxt > time_budget_s:
+                    why = f"left out by the time budget ({time_budget_s:.0f}s): it would take ~{nxt:.0f}s more"
+                    est.skip()
+                    for _ in range(_STEPS):
+                        prog.step(v.name, "skipped")
+                    prog.outcome(v.name, f"skipped - {why}")
+                if why is not None:
+                    candidates.append(Candidate(v.name, v.backend, v.recipe.precision, list(v.recipe.passes), "skipped", why))
+                    continue
+                candidates.append(run_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out,
+                                              budget, sizes, dim_sizes, prog, keep=runners, estimate=est))
             distrust_orphans(candidates)
             prog.note("selecting: timing the contenders in alternating rounds")
             sel = select([c for c in candidates if c.status == "accepted"], objective, sizes, runners=runners,
@@ -334,8 +360,10 @@ def write_report(result: BuildResult) -> Path:
 
 def run_variant(variant: Variant, subject: Subject, staged: Path, verify: VerifyData,
                 ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
-                prog: Reporter, keep: dict[str, Runner] | None = None) -> Candidate:
-    """Stage 4, for one variant: export into `staged`, load it back from its files, verify it, time it."""
+                prog: Reporter, keep: dict[str, Runner] | None = None, estimate: Estimate | None = None) -> Candidate:
+    """Stage 4, for one variant: export into `staged`, load it back from its files, verify it, time it.
+    `estimate`, when given, learns how long this variant took (for the time left that progress shows)."""
+    started = time.perf_counter()
     backend = registry.get(variant.backend)
     recipe = variant.recipe
     c = Candidate(variant.name, variant.backend, recipe.precision, list(recipe.passes))
@@ -393,6 +421,9 @@ def run_variant(variant: Variant, subject: Subject, staged: Path, verify: Verify
         del subject.notes[before:]
         for _ in steps:  # a variant that stopped early still counts its steps as done
             prog.step(c.variant, c.status)
+    if estimate is not None:
+        estimate.finished(time.perf_counter() - started)
+        prog.eta(estimate.left_s())
     prog.outcome(c.variant, f"{c.status}{' - ' + c.reason if c.reason else ''}")
     return c
 

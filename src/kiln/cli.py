@@ -60,8 +60,16 @@ Without --student, kiln derives one: CNNs keep a share of their channels (--widt
 teacher's most important ones), transformer encoders every other layer (the DistilBERT recipe)."""
 
 _INSPECT_EXAMPLE = """example:
-  kiln inspect models/digits          # latest version
+  kiln inspect models/digits          # latest version, with curl and tritonclient examples
   kiln inspect models/digits/1 --json"""
+
+_INIT_EXAMPLE = """example:
+  kiln init examples/minilm/model.py:MiniLM --out /tmp/kiln.toml
+  kiln init mymodel.py:make_model      # writes kiln.toml beside mymodel.py"""
+
+_VERSIONS_EXAMPLE = """example:
+  kiln versions models/digits
+  kiln versions models/digits --keep 3"""
 
 
 def _console() -> Console:
@@ -108,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
                         "than the measured noise; lossless: keep an fp32 variant (default: fastest)")
     b.add_argument("--max-load-s", type=float, metavar="S",
                    help="never select a variant that takes longer than this to load (torch.compile variants take minutes)")
+    b.add_argument("--quick", action="store_true",
+                   help="try only the variants likeliest to win for their build time (eager, TorchScript, ONNX Runtime; "
+                        "half precision where a probe measured it faster) within a 60 s budget")
+    b.add_argument("--time-budget", type=float, metavar="S", dest="time_budget",
+                   help="skip a variant when its expected build time would pass S seconds since the first variant")
     b.add_argument("--batch", default="1,32", help="batch sizes to time, comma-separated (default: 1,32)")
     b.add_argument("--objective", choices=("latency", "throughput"), default="latency",
                    help="latency: lowest p50 at the smallest batch; throughput: most items/s at the largest")
@@ -242,11 +255,28 @@ def _parser() -> argparse.ArgumentParser:
                     help="bound the student's build (default: auto)")
     ds.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
-    i = sub.add_parser("inspect", help="show a built model: versions, specs, variants",
-                       description="Show a built model's manifest: source, TensorSpecs, every candidate variant.",
+    i = sub.add_parser("inspect", help="show a built model: versions, specs, variants, client examples",
+                       description="Show a built model's manifest: source, TensorSpecs, every candidate variant, and "
+                       "ready-to-run curl and tritonclient examples for it.",
                        epilog=_INSPECT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", help="repo/<model> (latest version) or repo/<model>/<version>")
     i.add_argument("--json", action="store_true", help="print kiln.json as is")
+    i.add_argument("--url", default="localhost:8000", help="server address for the client examples (default: localhost:8000)")
+
+    it = sub.add_parser("init", help="write a kiln.toml from a model's forward() signature",
+                        description="Guess each forward() argument's dtype and shape from the model (first layer, "
+                        "embedding sizes, argument names), run the guess once, and write kiln.toml beside the model "
+                        "with its outputs and a place for output kinds, preprocessing and table columns.",
+                        epilog=_INIT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    it.add_argument("source", help="file.py:Factory or pkg.module:Class")
+    it.add_argument("--out", help="where to write (default: kiln.toml beside the model file)")
+    it.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    vs = sub.add_parser("versions", help="list a model's versions; --keep N deletes all but the newest N",
+                        description="One line per version, newest first: date, selected variant, objective, size.",
+                        epilog=_VERSIONS_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vs.add_argument("path", help="repo/<model>")
+    vs.add_argument("--keep", type=int, metavar="N", help="delete every version but the newest N")
     return p
 
 
@@ -268,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _predict(args)
         if args.command == "distill":
             return _distill(args)
+        if args.command == "init":
+            return _init(args)
+        if args.command == "versions":
+            return _versions(args)
         return _inspect(args)
     except KilnError as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -309,7 +343,8 @@ def _build(args: argparse.Namespace) -> int:
                       int8_min_top1_agreement=args.int8_min_top1, half_min_cosine=args.half_min_cosine),
         precision=args.precision, calib=args.calib, prune=args.prune,
         variants=args.variants.split(",") if args.variants else None, outputs=args.outputs, prefer=args.prefer,
-        max_load_s=args.max_load_s, batch=_int_list(args.batch, "--batch"), objective=args.objective,
+        max_load_s=args.max_load_s, quick=args.quick, time_budget_s=args.time_budget,
+        batch=_int_list(args.batch, "--batch"), objective=args.objective,
         backends=args.backends.split(",") if args.backends else None, device=args.device,
         dim_size=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),
     )
@@ -577,6 +612,44 @@ def _inspect(args: argparse.Namespace) -> int:
                   + f"; device {m['device'].get('device')} ({m['device'].get('cpu')})", highlight=False)
     sel = repository.candidate(m)
     console.print(f"artifact: {os.path.join(str(vdir), sel['artifact']['dir'])} ({sel['artifact']['bytes']:,} bytes)", highlight=False)
+    from kiln.scaffold import client_examples
+
+    curl, py = client_examples(m, url=args.url)
+    repo_dir = vdir.parent.parent
+    console.print(f"\ntry it: kiln serve {repo_dir}, then\n{curl}\n\nor with tritonclient (pip install "
+                  f"'tritonclient[http]'):\n{py}", highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from kiln.scaffold import init_toml
+
+    path, ran = init_toml(args.source, out=Path(args.out) if args.out else None, force=args.force)
+    print(path.read_text(), end="")
+    if not ran:
+        print(f"error: wrote {path}, but its guessed inputs do not run through the model (see the comment in it)",
+              file=sys.stderr)
+        print("  hint: fix the shapes, then kiln build", file=sys.stderr)
+        return 1
+    print(f"wrote {path}: check the guesses, then kiln build {args.source}", file=sys.stderr)
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from kiln import repository
+    from kiln.table import Grid, show
+
+    model_dir = Path(args.path)
+    if not repository.versions(model_dir) if model_dir.is_dir() else True:
+        raise KilnError(f"no model versions in {model_dir}", hint="give repo/<model>, e.g. models/digits")
+    if args.keep is not None:
+        for v in repository.prune_versions(model_dir, args.keep):
+            print(f"removed {model_dir / str(v)}", file=sys.stderr)
+    g = Grid(None, ["version", "created", "selected", "objective", "size MB"])
+    for r in repository.version_rows(model_dir):
+        g.add([str(r["version"]), r["created"], r["selected"] or r.get("error", "-"), r["objective"] or "-",
+               f"{r['bytes'] / 1e6:.2f}"])
+    show(_console(), g)
     return 0
 
 

@@ -64,6 +64,59 @@ def plan(backend_names: Sequence[str], *, precision: str = "auto", device: str =
     return out
 
 
+# Relative build cost per variant (export + load back + verify + time) on a CPU, from builds of the examples here:
+# AOTInductor compiles C++ and torch.compile runs Inductor at load, both an order of magnitude above the rest.
+# A backend module may declare its own COST (a plug-in that tunes, like TVM, is slow).
+_COST = {"eager": 1.0, "torchscript": 1.5, "onnxruntime": 2.0, "compile": 15.0, "aoti": 25.0, "tensorrt": 30.0}
+QUICK_MAX_COST = 3.0  # --quick keeps the variants at most this expensive
+
+
+def cost(v: Variant) -> float:
+    """A variant's expected build time, relative to eager/fp32 = 1 (static int8 calibrates, pruning re-exports)."""
+    base = getattr(backends.get(v.backend), "COST", None) or _COST.get(v.backend, 5.0)
+    return float(base) * (1.5 if v.recipe.precision == "int8-static" or v.recipe.prune() is not None else 1.0)
+
+
+def quick(todo: list[Variant]) -> tuple[list[Variant], dict[str, str]]:
+    """--quick: keep the variants most likely to win for their cost (eager, TorchScript, ONNX Runtime in fp32 and
+    int8; the half precisions only where the probe measured them faster), cheapest and likeliest first; say why the
+    rest are left out."""
+    kept = sorted((v for v in todo if cost(v) <= QUICK_MAX_COST and v.recipe.prune() is None),
+                  key=lambda v: (v.name != "eager/fp32", cost(v)))
+    out = {v.name: f"left out by --quick (a {cost(v):.0f}x slower build than eager; run without --quick to try it)"
+           for v in todo if v not in kept}
+    return kept, out
+
+
+class Estimate:
+    """Time left, honestly: each variant's prior cost, scaled by how long the finished ones actually took."""
+
+    def __init__(self, costs: list[float], *, fixed_s: float = 0.0) -> None:
+        self.costs, self.fixed_s = costs, fixed_s
+        self.spent_cost = 0.0
+        self.spent_s = 0.0
+        self.n = 0
+
+    def finished(self, seconds: float) -> None:
+        self.spent_cost += self.costs[self.n]
+        self.spent_s += seconds
+        self.n += 1
+
+    def skip(self) -> None:
+        """The next variant is not run (left out by the time budget): it costs nothing."""
+        self.n += 1
+
+    def left_s(self) -> float | None:
+        if not self.spent_cost:
+            return None
+        rate = self.spent_s / self.spent_cost
+        return rate * sum(self.costs[self.n:]) + self.fixed_s
+
+    def next_s(self) -> float | None:
+        """The next variant's expected seconds."""
+        return self.spent_s / self.spent_cost * self.costs[self.n] if self.spent_cost and self.n < len(self.costs) else None
+
+
 def make_target(module: nn.Module | None, *, device: str = "cpu", precision: str = "auto", prune: float | None = None,
                 low_precision: Sequence[str] = ("fp16", "bf16"), transformable: bool = True,
                 source_kind: str = "python") -> Target:

@@ -42,6 +42,33 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
 
 
+def version_rows(model_dir: Path) -> list[dict[str, Any]]:
+    """One row per version of a model, newest first: version, date, selected variant, objective, size on disk.
+    A version whose kiln.json cannot be read is listed with the error instead of being skipped."""
+    rows = []
+    for v in reversed(versions(model_dir)):
+        d = model_dir / str(v)
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        try:
+            m = json.loads((d / MANIFEST).read_text())
+            rows.append({"version": v, "created": m.get("created", "?"), "selected": m.get("selected"),
+                         "objective": m.get("objective"), "bytes": size, "path": d})
+        except (OSError, json.JSONDecodeError) as e:
+            rows.append({"version": v, "created": "?", "selected": None, "objective": None, "bytes": size, "path": d,
+                         "error": f"unreadable kiln.json: {e}"})
+    return rows
+
+
+def prune_versions(model_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` versions; returns the versions removed. The newest is never removed."""
+    if keep < 1:
+        raise KilnError(f"--keep {keep}", hint="keep at least 1 version (the newest is what `kiln serve` loads)")
+    old = versions(model_dir)[:-keep]
+    for v in old:
+        shutil.rmtree(model_dir / str(v))
+    return old
+
+
 def new_version_dir(repo: Path, name: str) -> tuple[int, Path]:
     """Reserve the next version number atomically (mkdir fails if a concurrent build took it)."""
     model_dir = repo / check_name(name)
