@@ -43,9 +43,19 @@ def test_build_report_renders(built: Callable[[str], kiln.BuildResult], tmp_path
     for chart in ("latency", "throughput", "tradeoff"):
         svg = re.search(rf'<svg[^>]*data-chart="{chart}".*?</svg>', dom, re.S)
         assert svg, f"chart {chart} was not drawn"
-        drawn = set(re.findall(r'class="point"[^>]*data-variant="([^"]+)"|data-variant="([^"]+)"[^>]*class="point"', svg[0]))
-        assert {a or b for a, b in drawn} == set(accepted), chart
-    assert len(re.findall(r'class="series"', dom)) == 2 * len(accepted)  # latency and throughput lines
+        drawn = set(re.findall(r'data-variant="([^"]+)"[^>]*class="point[ "]', svg[0]))
+        assert drawn == set(accepted), chart
+    assert len(re.findall(r'class="series( sel)?"', dom)) == 2 * len(accepted)  # latency and throughput lines
+    # every series has its own colour and marker, and the selected one is drawn out
+    latency = re.search(r'<svg[^>]*data-chart="latency".*?</svg>', dom, re.S)[0]  # type: ignore[index]
+    looks = {m[2]: (m[0], m[1]) for m in re.findall(r'<(circle|rect|path) [^>]*?fill="([^"]+)" data-variant="([^"]+)" class="point',
+                                                      latency)}
+    assert set(looks) == set(accepted) and len(set(looks.values())) == len(accepted), looks
+    assert f'data-variant="{r.selected}" class="point sel' in latency and f"{r.selected} (selected)" in dom
+    # round ticks: one or two significant digits (50k, 0.2, 1.5), never 9778
+    ticks = re.findall(r'<text x="[\d.]+" y="[\d.]+" text-anchor="end">([^<]+)</text>', dom)
+    assert ticks and all(len(t.rstrip("k").replace(".", "").replace("-", "").lstrip("0").rstrip("0")) <= 2 for t in ticks
+                         if "e" not in t), ticks
     for c in r.candidates:
         assert f'data-variant="{c.variant}" data-status="{c.status}"' in dom
     assert "data-dependent control flow" in dom  # reasons of the failed variants

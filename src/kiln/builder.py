@@ -23,6 +23,7 @@ import torch
 from kiln import __version__, repository
 from kiln import backends as registry
 from kiln.backends.common import Subject, first_line
+from kiln.bench.memory import PeakMemory
 from kiln.bench.timing import Timing, time_runner
 from kiln.data import VerifyData, batch_dim, timing_inputs, verification_data
 from kiln.errors import KilnError, Skip
@@ -56,6 +57,8 @@ class Candidate:
     load_s: float = 0.0
     size_bytes: int = 0
     peak_gpu_mb: float | None = None
+    memory_mb: float | None = None
+    """CPU: peak RSS growth while the artifact loads and runs the verification batches"""
     notes: list[str] = field(default_factory=list)
     artifact: dict[str, Any] | None = None
 
@@ -385,14 +388,17 @@ def run_variant(variant: Variant, subject: Subject, staged: Path, verify: Verify
             torch.cuda.reset_peak_memory_stats(subject.device)
             mem0 = torch.cuda.memory_allocated(subject.device)
         t0 = time.perf_counter()
-        runner: Runner = backend.load(staged, meta, subject.inputs, subject.outputs, device=subject.device)
-        c.load_s = time.perf_counter() - t0
-        c.artifact = meta
-        prog.step(c.variant, next(steps))
-        try:
-            got = [[o.numpy(force=True) for o in runner.run(b)] for b in verify.batches]
-        except Exception as e:
-            raise KilnError(f"the artifact fails on verification inputs: {type(e).__name__}: {first_line(e)}") from None
+        with PeakMemory("cpu", interval_s=0.02) as rss:  # CPU: RSS growth while loading and verifying (not timing)
+            runner: Runner = backend.load(staged, meta, subject.inputs, subject.outputs, device=subject.device)
+            c.load_s = time.perf_counter() - t0
+            c.artifact = meta
+            prog.step(c.variant, next(steps))
+            try:
+                got = [[o.numpy(force=True) for o in runner.run(b)] for b in verify.batches]
+            except Exception as e:
+                raise KilnError(f"the artifact fails on verification inputs: {type(e).__name__}: {first_line(e)}") from None
+        if not cuda:
+            c.memory_mb = max(0.0, rss.peak_mb)
         checks = compare(subject.outputs, ref_out, got, verify.labels)
         c.accuracy = to_dict(checks)
         problems = judge(checks, budget.for_recipe(recipe.precision, lossy=recipe.prune() is not None))

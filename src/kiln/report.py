@@ -18,7 +18,8 @@ def from_manifest(m: dict[str, Any]) -> dict[str, Any]:
         variants.append({
             "variant": c["variant"], "status": c.get("status", "?"), "reason": c.get("reason", ""),
             "selected": c["variant"] == m.get("selected"), "timings": c.get("timings", []),
-            "load_s": c.get("load_s"), "size_bytes": art.get("bytes") or c.get("size_bytes"), "memory_mb": None,
+            "load_s": c.get("load_s"), "size_bytes": art.get("bytes") or c.get("size_bytes"),
+            "memory_mb": c.get("peak_gpu_mb") if c.get("peak_gpu_mb") is not None else c.get("memory_mb"),
             "accuracy": summarize_accuracy(c.get("accuracy", [])), "notes": c.get("notes", []),
         })
     return {
@@ -128,23 +129,30 @@ def render(data: dict[str, Any]) -> str:
         acc = v.get("accuracy") or {}
         status = v["status"]
         badge = f'<span class="badge {e(status)}">{e(status)}</span>' + (' <span class="badge selected">selected</span>' if v.get("selected") else "")
-        reason = f'<div class="reason">{e(v.get("reason") or "")}</div>' if v.get("reason") else ""
+        text = v.get("reason") or ""
+        if len(text) > 60:  # a long reason collapses to its first words; the whole of it is one click away
+            reason = f'<details class="reason"><summary>{e(text[:48].rsplit(" ", 1)[0])} &hellip;</summary>{e(text)}</details>'
+        else:
+            reason = f'<div class="reason">{e(text)}</div>' if text else ""
         delta = acc.get("accuracy_delta")
         accuracy = (f'{acc["accuracy"]:.2%} <small>({delta:+.2%})</small>' if delta is not None
                     else f'{acc["accuracy"]:.2%}' if acc.get("accuracy") is not None else "&ndash;")
         size = v.get("size_bytes")
+        chosen = ' class="chosen"' if v.get("selected") else ""
+        by_kind = acc.get("by_kind", [])  # "name (kind): metric"; one output needs no name
+        kinds = "<br>".join(e(k.split(": ", 1)[-1] if len(by_kind) == 1 else k) for k in by_kind) or "&ndash;"
         rows.append(
-            f'<tr data-variant="{e(v["variant"])}" data-status="{e(status)}"><td class="name">{e(v["variant"])}</td>'
+            f'<tr data-variant="{e(v["variant"])}" data-status="{e(status)}"{chosen}>'
+            f'<td class="name">{e(v["variant"])}</td>'
             f"<td>{badge}{reason}</td>"
             f'<td class="num">{_fmt(_timing(v, small, "p50_ms"), ".3f")}</td>'
-            f'<td class="num">{_fmt(_timing(v, small, "p99_ms"), ".3f")}</td>'
+            f'<td class="num opt">{_fmt(_timing(v, small, "p99_ms"), ".3f")}</td>'
             f'<td class="num">{_fmt(_timing(v, large, "items_per_s"), ",.0f")}</td>'
             f'<td class="num">{_fmt(v.get("memory_mb"), ".1f")}</td>'
-            f'<td class="num">{_fmt(v.get("load_s"), ".2f")}</td>'
-            f'<td class="num">{_fmt(size / 1e6 if size else None, ".2f")}</td>'
+            f'<td class="num">{_fmt(v.get("load_s") if status != "skipped" else None, ".2f")}</td>'
+            f'<td class="num opt">{_fmt(size / 1e6 if size else None, ".2f")}</td>'
             f'<td class="num">{_fmt(acc.get("max_rel_err"), ".1e")}</td>'
-            f'<td class="num">{_fmt(acc.get("cosine"), ".6f")}</td>'
-            f'<td class="kinds">{"<br>".join(e(k) for k in acc.get("by_kind", [])) or "&ndash;"}</td>'
+            f'<td class="kinds">{kinds}</td>'
             f'<td class="num">{accuracy}</td></tr>')
     env = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in data.get("environment", {}).items())
     notes = "".join(f"<li>{e(n)}</li>" for n in dict.fromkeys(data.get("notes", []) + [n for v in data["variants"] for n in v.get("notes", [])]))
@@ -168,7 +176,7 @@ _CSS = """
 header{background:linear-gradient(120deg,#2b1d16,#5c2a12 60%,#d9480f);color:#fff;padding:28px 40px}
 header h1{margin:0 0 4px;font-size:26px;letter-spacing:.2px}header .sub{opacity:.85}
 header .pill{display:inline-block;background:rgba(255,255,255,.16);border-radius:999px;padding:2px 10px;margin-left:8px;font-size:13px}
-main{max-width:1280px;margin:0 auto;padding:24px 40px 60px}
+main{max-width:1500px;margin:0 auto;padding:24px 32px 60px}
 section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:18px 22px;margin:18px 0;box-shadow:0 1px 2px rgba(16,24,40,.04)}
 h2{font-size:16px;margin:0 0 12px}dl{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:6px 24px;margin:0}
 dt{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.5px}dd{margin:0 0 6px;font-family:ui-monospace,Menlo,monospace;font-size:13px;word-break:break-all}
@@ -184,7 +192,14 @@ td.name{font-family:ui-monospace,Menlo,monospace;white-space:nowrap}tr[data-stat
 .badge{display:inline-block;font-size:11px;border-radius:4px;padding:1px 7px;font-weight:600}
 .accepted{background:#e3f6ea;color:#0f6b35}.rejected{background:#fff4d6;color:#8a5a00}.skipped{background:#eef0f4;color:#586174}
 .failed{background:#fde8e8;color:#a11a1a}.selected{background:var(--accent);color:#fff}
-td.kinds{font-size:12px;white-space:nowrap}.reason{font-size:12px;color:var(--muted);margin-top:3px;max-width:520px}
+td.kinds{font-size:12px;min-width:140px}.reason{font-size:12px;color:var(--muted);margin-top:3px;min-width:170px;max-width:300px}
+#variants{font-size:13px}
+details.reason summary{cursor:pointer}details.reason[open]{max-width:520px}
+tr.chosen td{background:#fff4ec}tr.chosen td.name{font-weight:700;box-shadow:inset 3px 0 0 var(--accent)}
+.scroll{overflow-x:auto}th,td{padding:6px 7px}
+@media (max-width:1000px){main{padding:16px 14px 40px}section{padding:14px 12px}.opt{display:none}
+  .charts{grid-template-columns:1fr}header{padding:20px 16px}.reason{max-width:220px}}
+svg .point.sel{stroke:#111;stroke-width:2}svg .series.sel{stroke-width:3.6}.legend b{font-weight:700}
 .env th{width:200px}.empty{color:var(--muted);font-style:italic;padding:30px 0;text-align:center}
 """
 
@@ -192,16 +207,32 @@ _JS = r"""
 (function(){
 const D = JSON.parse(document.getElementById('kiln-data').textContent);
 const NS = 'http://www.w3.org/2000/svg';
-const COLORS = ['#d9480f','#1971c2','#2f9e44','#7048e8','#e8590c','#0c8599','#c2255c','#5f3dc4','#66a80f'];
+// 10 well-separated hues x 4 marker shapes: 40 series stay distinct, and neighbours differ in both.
+const COLORS = ['#1f77b4','#d62728','#2ca02c','#ff7f0e','#9467bd','#17becf','#8c564b','#e377c2','#7f7f7f','#bcbd22'];
+const SHAPES = ['circle','square','triangle','diamond'];
 const ok = D.variants.filter(v => v.status === 'accepted' && v.timings && v.timings.length);
-const color = {}; D.variants.forEach((v, i) => color[v.variant] = COLORS[i % COLORS.length]);
+const color = {}, shape = {};
+ok.forEach((v, i) => {color[v.variant] = COLORS[i % COLORS.length]; shape[v.variant] = SHAPES[Math.floor(i / COLORS.length + i) % SHAPES.length];});
+const chosen = D.selected;
+function marker(svg, x, y, r, name, cls){
+  const f = color[name] || '#495057', k = shape[name] || 'circle';
+  const a = {fill:f,'data-variant':name,class:'point'+(name===chosen?' sel':'')+(cls?' '+cls:'')};
+  if(k==='square') return el('rect',{...a,x:x-r*0.9,y:y-r*0.9,width:r*1.8,height:r*1.8},svg);
+  if(k==='triangle') return el('path',{...a,d:`M${x},${y-r*1.15}L${x+r*1.1},${y+r*0.8}L${x-r*1.1},${y+r*0.8}Z`},svg);
+  if(k==='diamond') return el('path',{...a,d:`M${x},${y-r*1.2}L${x+r*1.1},${y}L${x},${y+r*1.2}L${x-r*1.1},${y}Z`},svg);
+  return el('circle',{...a,cx:x,cy:y,r:r},svg);
+}
 function el(tag, attrs, parent){const e=document.createElementNS(NS,tag);for(const k in attrs)e.setAttribute(k,attrs[k]);if(parent)parent.appendChild(e);return e;}
-function fmt(v){if(v===0)return '0';if(Number.isInteger(v)&&Math.abs(v)<1e4)return String(v);const a=Math.abs(v);if(a>=1e4)return (v/1e3).toFixed(0)+'k';if(a>=100)return v.toFixed(0);if(a>=1)return v.toFixed(1);if(a>=0.01)return v.toFixed(3);return v.toExponential(0);}
+function fmt(v){if(v===0)return '0';const a=Math.abs(v);if(a>=1e4)return (+(v/1e3).toPrecision(3))+'k';if(Number.isInteger(v))return String(v);if(a>=100)return v.toFixed(0);if(a>=1)return String(+v.toPrecision(3));if(a>=0.01)return String(+v.toPrecision(2));return v.toExponential(0);}
 function scale(lo,hi,a,b,log){if(log){lo=Math.log10(lo);hi=Math.log10(hi);}if(hi===lo){hi=lo+1;}return v=>a+((log?Math.log10(v):v)-lo)/(hi-lo)*(b-a);}
 function ticks(lo,hi,log){
   if(log){const inside=m=>{const t=[];for(let p=Math.floor(Math.log10(lo));p<=Math.ceil(Math.log10(hi));p++)for(const k of m){const x=k*Math.pow(10,p);if(x>=lo&&x<=hi)t.push(x);}return t;};
     let t=inside([1]);if(t.length<3)t=inside([1,2,5]);if(t.length<2)t=[lo,hi];return t;}
-  const n=5,step=(hi-lo)/n;return Array.from({length:n+1},(_,i)=>lo+i*step);}
+  // round steps (1, 2, 2.5 or 5 times a power of ten), never odd values like 9778
+  const raw=(hi-lo)/5, p=Math.pow(10,Math.floor(Math.log10(raw))), m=raw/p;
+  const step=(m<=1?1:m<=2?2:m<=2.5?2.5:m<=5?5:10)*p, t=[];
+  for(let v=Math.ceil(lo/step-1e-9)*step; v<=hi+1e-9*step; v+=step) t.push(Math.round(v/step)*step);
+  return t;}
 function chart(id, series, o){
   const host=document.getElementById(id); if(!host) return;
   if(!series.length||!series.some(s=>s.points.length)){host.innerHTML='<div class="empty">no accepted variant was timed</div>';return;}
@@ -209,6 +240,7 @@ function chart(id, series, o){
   const xs=series.flatMap(s=>s.points.map(p=>p[0])), ys=series.flatMap(s=>s.points.map(p=>p[1]));
   let x0=Math.min(...xs),x1=Math.max(...xs),y0=Math.min(...ys),y1=Math.max(...ys);
   if(o.logX){x0/=1.25;x1*=1.25;} if(o.logY){y0/=1.5;y1*=1.5;} else if(o.yFit){const pad=Math.max((y1-y0)*0.25,0.5);y0-=pad;y1+=pad;} else {y0=0;y1*=1.12;}
+  if(!o.logY){const t=ticks(y0,y1,false);y0=Math.min(y0,t[0]);y1=Math.max(y1,t[t.length-1]);}
   const sx=scale(x0,x1,L,W-R,o.logX), sy=scale(y0,y1,H-B,T,o.logY);
   const svg=el('svg',{viewBox:`0 0 ${W} ${H}`,role:'img','aria-label':o.title,'data-chart':id},host);
   (o.xTicks||ticks(x0,x1,o.logX)).forEach(t=>{const x=sx(t);el('line',{x1:x,x2:x,y1:T,y2:H-B,class:'grid'},svg);const tx=el('text',{x:x,y:H-B+16,'text-anchor':'middle'},svg);tx.textContent=fmt(t);});
@@ -216,15 +248,29 @@ function chart(id, series, o){
   el('line',{x1:L,x2:W-R,y1:H-B,y2:H-B,class:'axis'},svg);el('line',{x1:L,x2:L,y1:T,y2:H-B,class:'axis'},svg);
   const xl=el('text',{x:(L+W-R)/2,y:H-6,'text-anchor':'middle'},svg);xl.textContent=o.xLabel;
   const yl=el('text',{x:14,y:(T+H-B)/2,'text-anchor':'middle',transform:`rotate(-90 14 ${(T+H-B)/2})`},svg);yl.textContent=o.yLabel;
-  series.forEach(s=>{
+  const boxes=[];  // placed label and point boxes: a label goes where it overlaps none, or is left to the legend
+  const hits=(b)=>b.x<L||b.x+b.w>W-R+40||b.y<0||b.y+b.h>H-B||boxes.some(q=>b.x<q.x+q.w&&q.x<b.x+b.w&&b.y<q.y+q.h&&q.y<b.y+b.h);
+  const ordered=series.slice().sort((a,b)=>(a.name===chosen)-(b.name===chosen));  // the selection is drawn on top
+  ordered.forEach(s=>{
     const pts=s.points.slice().sort((a,b)=>a[0]-b[0]);
-    if(o.lines&&pts.length>1) el('path',{d:pts.map((p,i)=>(i?'L':'M')+sx(p[0]).toFixed(1)+','+sy(p[1]).toFixed(1)).join(' '),class:'series',stroke:color[s.name],'data-variant':s.name},svg);
-    pts.forEach(p=>{const c=el('circle',{cx:sx(p[0]),cy:sy(p[1]),r:o.lines?3.5:6,fill:color[s.name],'data-variant':s.name,class:'point'},svg);
-      const tt=el('title',{},c);tt.textContent=`${s.name}: ${o.xLabel} ${fmt(p[0])}, ${o.yLabel} ${fmt(p[1])}`;
-      if(!o.lines&&!o.noLabels){const lb=el('text',{x:sx(p[0])+9,y:sy(p[1])+4,class:'label'},svg);lb.textContent=s.name;}});
+    if(o.lines&&pts.length>1) el('path',{d:pts.map((p,i)=>(i?'L':'M')+sx(p[0]).toFixed(1)+','+sy(p[1]).toFixed(1)).join(' '),class:'series'+(s.name===chosen?' sel':''),stroke:color[s.name],'data-variant':s.name},svg);
+    pts.forEach(p=>{const c=marker(svg,sx(p[0]),sy(p[1]),(o.lines?3.6:5.5)*(s.name===chosen?1.35:1),s.name);
+      boxes.push({x:sx(p[0])-6,y:sy(p[1])-6,w:12,h:12});
+      const tt=el('title',{},c);tt.textContent=`${s.name}: ${o.xLabel} ${fmt(p[0])}, ${o.yLabel} ${fmt(p[1])}`;});
   });
+  if(!o.lines&&!o.noLabels){
+    const labelled=series.slice().sort((a,b)=>(b.name===chosen)-(a.name===chosen));  // the selection gets first pick
+    labelled.forEach(s=>{const p=s.points[0],x=sx(p[0]),y=sy(p[1]),w=6.2*s.name.length+4,h=13;
+      for(const [dx,dy] of [[9,-6],[-9-w,-6],[-w/2,-20],[-w/2,8],[9,-18],[9,6],[-9-w,-18],[-9-w,6]]){
+        const b={x:x+dx,y:y+dy,w:w,h:h};if(hits(b))continue;boxes.push(b);
+        const lb=el('text',{x:b.x+2,y:b.y+10,class:'label','data-variant':s.name},svg);lb.textContent=s.name;
+        if(s.name===chosen)lb.setAttribute('font-weight','700');break;}});
+  }
   const lg=document.createElement('div');lg.className='legend';
-  series.forEach(s=>{const sp=document.createElement('span');sp.innerHTML=`<i style="background:${color[s.name]}"></i>`;sp.appendChild(document.createTextNode(s.name));lg.appendChild(sp);});
+  series.forEach(s=>{const sp=document.createElement('span');const k=document.createElementNS(NS,'svg');
+    k.setAttribute('viewBox','0 0 14 14');k.setAttribute('width','14');k.setAttribute('height','14');k.style.width='14px';
+    marker(k,7,7,5,s.name,'key');sp.appendChild(k);
+    const t=document.createElement(s.name===chosen?'b':'span');t.textContent=s.name+(s.name===chosen?' (selected)':'');sp.appendChild(t);lg.appendChild(sp);});
   host.appendChild(lg);
 }
 const batches=[...new Set(ok.flatMap(v=>v.timings.map(t=>t.batch)))].sort((a,b)=>a-b);
@@ -235,7 +281,7 @@ chart('throughput', ok.map(v=>({name:v.variant,points:v.timings.map(t=>[t.batch,
 const small=batches[0];
 chart('tradeoff', ok.filter(v=>v.accuracy&&v.accuracy.max_rel_err!==undefined).map(v=>({name:v.variant,points:[[v.timings.find(t=>t.batch===small).p50_ms,Math.max(v.accuracy.max_rel_err,1e-9)]]})),
   {title:'accuracy against speed',xLabel:`p50 latency at batch ${small} (ms)`,yLabel:'max relative error vs fp32 reference',logX:true,logY:true,lines:false});
-if(D.distill&&D.distill.length){D.distill.forEach((p,i)=>{if(!color[p.name])color[p.name]=i?COLORS[(i+3)%COLORS.length]:'#212529';});
+if(D.distill&&D.distill.length){D.distill.forEach((p,i)=>{if(!color[p.name]){color[p.name]=i?COLORS[(i+3)%COLORS.length]:'#212529';shape[p.name]=SHAPES[i%SHAPES.length];}});
   chart('distill', D.distill.map(p=>({name:p.name,points:[[p.latency_ms,100*p.score]]})),
     {title:'teacher and student',xLabel:`p50 latency at batch ${small} (ms)`,yLabel:'accuracy on held-out data (%)',logX:true,logY:false,yFit:true,lines:false,noLabels:true});}
 document.body.setAttribute('data-rendered','true');
@@ -255,9 +301,11 @@ _PAGE = """<!doctype html>
 <figure><figcaption>Accuracy against speed</figcaption><div id="tradeoff"></div></figure>
 {distill_figure}
 </div></section>
-<section><h2>Variants</h2><table id="variants"><thead><tr><th>variant</th><th>status / reason</th>
-<th>p50 ms @{small}</th><th>p99 ms @{small}</th><th>items/s @{large}</th><th>memory MB</th><th>load s</th><th>size MB</th>
-<th>max rel err</th><th>cosine</th><th>agreement, by output kind</th><th>accuracy (&Delta;)</th></tr></thead><tbody>{rows}</tbody></table></section>
+<section><h2>Variants</h2><div class="scroll"><table id="variants"><thead><tr><th>variant</th><th>status / reason</th>
+<th>p50 ms @{small}</th><th class="opt">p99 ms @{small}</th><th>items/s @{large}</th>
+<th title="CPU: peak resident memory growth while the artifact loads and runs the verification batches; GPU: peak allocated">memory MB</th>
+<th>load s</th><th class="opt">size MB</th>
+<th>max rel err</th><th title="each output's kind metric: top-1 (logits), row cosine and retrieval (embedding), pixels (mask), IoU (boxes)">agreement</th><th>accuracy (&Delta;)</th></tr></thead><tbody>{rows}</tbody></table></div></section>
 {selection}
 {notes}
 <section><h2>Environment</h2><table class="env">{env}</table></section>
