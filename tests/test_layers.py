@@ -21,8 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("kiln.backends",)),
     ("repository", ("kiln.repository",)),
     ("build", ("kiln.verify", "kiln.selection", "kiln.plan", "kiln.builder", "kiln.distiller", "kiln.bench", "kiln.report", "kiln.profile",
-               "kiln.table", "kiln.scaffold")),
-    ("serve", ("kiln.server", "kiln.predict", "kiln.shards", "kiln.ray")),
+               "kiln.table")),
+    ("serve", ("kiln.server", "kiln.predict", "kiln.shards", "kiln.ray", "kiln.scaffold")),
     ("cli", ("kiln.cli", "kiln.__main__")),
     ("api", ("kiln",)),  # the package root: the public functions, imported lazily on first use
 ]
