@@ -350,14 +350,21 @@ def collect(paths: list[str | Path], specs: list[TensorSpec], preprocess: Prepro
         return Inputs(specs, [str(f) for f in images], "images", images, [], preprocess, fit=fit, notes=notes), bad
     kind = kinds[0] if kinds else "arrays"
     chosen = tables if kind == "table" else arrays
-    layout, notes = table_layout(tables[0], specs, columns, id_column) if kind == "table" else (None, [])
-    if columns and kind != "table":
-        raise KilnError("--columns is for .parquet/.csv inputs", hint="arrays are matched to inputs by their names in the .npz")
+    layout, notes = None, []
+    for first in tables:  # the first readable table decides the columns; unreadable ones are listed below
+        try:
+            layout, notes = table_layout(first, specs, columns, id_column)
+            break
+        except KilnError as e:
+            if not e.message.startswith("cannot read"):
+                raise
     ids: list[str] = []
     where: list[Any] = []
     keep: list[Path] = []
     for f in chosen:
         try:
+            if kind == "table" and layout is None:
+                raise KilnError(f"cannot read {f}: no table here could be read")
             loaded = read_arrays(f, specs, kind, layout)
         except KilnError as e:
             bad.append((str(f), e.message))

@@ -70,6 +70,8 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, bat
     outputs = [TensorSpec.from_dict(s) for s in m["outputs"]]
     prep = Preprocess.from_dict({**m.get("preprocess", {}), **(preprocess or {})})
     items, bad_files = collect(list(inputs), specs, prep, columns=columns or m.get("columns") or None, id_column=id_column)
+    if columns and items.kind != "table":
+        raise KilnError("--columns is for .parquet/.csv inputs", hint="arrays are matched to inputs by their names in the .npz")
     notes = list(items.notes)
     if items.kind == "images" and not m.get("preprocess") and not preprocess:
         notes.insert(0, "the model has no [preprocess]: images are read as RGB, scaled by 1/255, laid out CHW, with "
