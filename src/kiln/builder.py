@@ -164,7 +164,7 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
                     transformable=res.source.kind == "python", source_kind=res.source.kind)
         left_by_name: dict[str, str] = {}
         if quick:
-            _, left_by_name = quick_plan(todo)
+            left_by_name = quick_plan(todo)
             time_budget_s = QUICK_BUDGET_S if time_budget_s is None else time_budget_s
         int8_static = any(v.recipe.precision == "int8-static" for v in todo)
         verify = verification_data(res.inputs, Path(data) if data else None, calib=Path(calib) if calib else None,

@@ -640,7 +640,7 @@ def _versions(args: argparse.Namespace) -> int:
     from kiln.table import Grid, show
 
     model_dir = Path(args.path)
-    if not repository.versions(model_dir) if model_dir.is_dir() else True:
+    if not model_dir.is_dir() or not repository.versions(model_dir):
         raise KilnError(f"no model versions in {model_dir}", hint="give repo/<model>, e.g. models/digits")
     if args.keep is not None:
         for v in repository.prune_versions(model_dir, args.keep):

@@ -77,15 +77,11 @@ def cost(v: Variant) -> float:
     return float(base) * (1.5 if v.recipe.precision == "int8-static" or v.recipe.prune() is not None else 1.0)
 
 
-def quick(todo: list[Variant]) -> tuple[list[Variant], dict[str, str]]:
-    """--quick: keep the variants most likely to win for their cost (eager, TorchScript, ONNX Runtime in fp32 and
-    int8; the half precisions only where the probe measured them faster), cheapest and likeliest first; say why the
-    rest are left out."""
-    kept = sorted((v for v in todo if cost(v) <= QUICK_MAX_COST and v.recipe.prune() is None),
-                  key=lambda v: (v.name != "eager/fp32", cost(v)))
-    out = {v.name: f"left out by --quick (a {cost(v):.0f}x slower build than eager; run without --quick to try it)"
-           for v in todo if v not in kept}
-    return kept, out
+def quick(todo: list[Variant]) -> dict[str, str]:
+    """--quick: why each variant that is not among the likeliest to win for its cost is left out (kept: eager,
+    TorchScript, ONNX Runtime in fp32 and int8; the half precisions only where the probe measured them faster)."""
+    return {v.name: f"left out by --quick (a {cost(v):.0f}x slower build than eager; run without --quick to try it)"
+            for v in todo if cost(v) > QUICK_MAX_COST or v.recipe.prune() is not None}
 
 
 class Estimate:
@@ -107,10 +103,8 @@ class Estimate:
         self.n += 1
 
     def left_s(self) -> float | None:
-        if not self.spent_cost:
-            return None
-        rate = self.spent_s / self.spent_cost
-        return rate * sum(self.costs[self.n:]) + self.fixed_s
+        """Seconds left for the variants not yet run, and the fixed tail; None before anything was measured."""
+        return self.spent_s / self.spent_cost * sum(self.costs[self.n:]) + self.fixed_s if self.spent_cost else None
 
     def next_s(self) -> float | None:
         """The next variant's expected seconds."""

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError
-from kiln.spec import TensorSpec, layout_hint, to_tensor
+from kiln.spec import TensorSpec, layout_hint, out_of_range, to_tensor
 
 BatchFn = Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]
 
@@ -102,8 +102,10 @@ def check_tensor(spec: TensorSpec, a: Any, sizes: dict[str, int]) -> torch.Tenso
     if len(shape) != len(spec.shape) or not spec.matches(shape):
         hint = layout_hint(spec, shape) or ("add a batch dimension" if len(shape) == len(spec.shape) - 1 else "fix the shape")
         raise KilnError(f'expected input "{spec.name}" {expect}, got {got_dtype}[{",".join(map(str, shape))}]', hint=hint)
-    if kind in _INT_KINDS:
-        _check_fits(spec, a)
+    if kind in _INT_KINDS and got_dtype != spec.dtype and (bad := out_of_range(spec.dtype, a)) is not None:
+        info = np.iinfo(spec.dtype)
+        raise KilnError(f'input "{spec.name}" is {spec.dtype}; values {bad[0]}..{bad[1]} do not fit in it',
+                        hint=f"map them into {info.min}..{info.max}")
     for i, d in spec.dynamic_dims.items():
         if shape[i] == 0:
             raise KilnError(f'input "{spec.name}" has an empty dim {d!r}', hint="send at least one item")
@@ -111,19 +113,6 @@ def check_tensor(spec: TensorSpec, a: Any, sizes: dict[str, int]) -> torch.Tenso
             raise KilnError(f'dim {d!r} is {sizes[d]} in an earlier input but {shape[i]} in "{spec.name}"',
                             hint="inputs that share a dim name must agree on its size")
     return to_tensor(a, spec)
-
-
-def _check_fits(spec: TensorSpec, a: np.ndarray | torch.Tensor) -> None:
-    """Integers are converted to the input's type (as the server does); values that would wrap around are refused."""
-    want = spec.torch_dtype
-    n = a.numel() if isinstance(a, torch.Tensor) else a.size
-    if want.is_floating_point or want == torch.bool or str(a.dtype).replace("torch.", "") == spec.dtype or not n:
-        return
-    info = torch.iinfo(want)
-    lo, hi = (int(a.min()), int(a.max()))
-    if lo < info.min or hi > info.max:
-        raise KilnError(f'input "{spec.name}" is {spec.dtype}; values {lo}..{hi} do not fit in it',
-                        hint=f"map them into {info.min}..{info.max}")
 
 
 def _kind(a: np.ndarray | torch.Tensor) -> str:

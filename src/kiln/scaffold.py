@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,7 @@ def client_examples(manifest: dict[str, Any], *, url: str = "localhost:8000") ->
     shapes = [list(s.concrete_shape(sizes)) for s in specs]
     tensors = []
     for s, shape in zip(specs, shapes):
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         dt = DATATYPES[s.dtype] if s.dtype != "bfloat16" else "BF16"
         zero = 0 if s.dtype.startswith(("int", "uint")) else (False if s.dtype == "bool" else 0.0)
         tensors.append((s, shape, dt, n, zero))

@@ -68,8 +68,10 @@ class ModelSource:
         mod = sys.modules.get(name)
         file = getattr(mod, "__file__", None)
         why = ""
-        if name == "__main__" or file is None or "." in qual or "<" in qual:
+        if name == "__main__" or file is None:
             why = f"its class {qual} is defined in {'__main__ (a script or notebook)' if name == '__main__' else name}"
+        elif "." in qual:
+            why = f"its class {qual} is defined inside a function or class, where no import reaches it"
         else:
             try:
                 required = [p.name for p in inspect.signature(klass).parameters.values()

@@ -233,6 +233,16 @@ def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> No
                         hint='each [[inputs]] needs name = "image", dtype = "float32", shape = ["batch", 1, 8, 8]')
 
 
+def out_of_range(dtype: str, a: Any) -> tuple[int, int] | None:
+    """(lowest, highest) of integer values `a` (numpy or torch) when they do not fit integer type `dtype`; None when
+    they do (or `dtype` is not an integer type). Converting them would wrap around; the API and the server refuse."""
+    if not dtype.startswith(("int", "uint")) or not (a.numel() if isinstance(a, torch.Tensor) else a.size):
+        return None
+    info = np.iinfo(dtype)
+    lo, hi = int(a.min()), int(a.max())
+    return (lo, hi) if lo < info.min or hi > info.max else None
+
+
 def layout_hint(spec: TensorSpec, shape: tuple[int, ...]) -> str | None:
     """For a 4-D array whose channels sit last where the model wants them first (NHWC vs NCHW): the fix."""
     want = spec.shape

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kiln.spec import TensorSpec, layout_hint
+from kiln.spec import TensorSpec, layout_hint, out_of_range
 
 DATATYPES = {
     "float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64", "int64": "INT64",
@@ -136,11 +136,9 @@ def accepts(want: str, sent: object) -> bool:
 def _convert(a: np.ndarray, spec: TensorSpec, want: str, sent: str) -> np.ndarray:
     """`sent` data as the model's `want` type; integers that do not fit are refused, not wrapped around."""
     target = np.dtype(NUMPY[want])
-    if want in _INTS and a.size:
-        info = np.iinfo(want.lower())
-        lo, hi = a.min(), a.max()
-        if lo < info.min or hi > info.max:
-            raise BadRequest(f'input "{spec.name}" is {want}; {sent} values {lo}..{hi} do not fit in it')
+    bad = out_of_range(target.name, a)
+    if bad is not None:
+        raise BadRequest(f'input "{spec.name}" is {want}; {sent} values {bad[0]}..{bad[1]} do not fit in it')
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, which the finite check refuses
         return a.astype(target)
 
