@@ -7,7 +7,7 @@ REPO ?= models
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install clean browser lint
+.PHONY: demo test test-runtimes install clean browser lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,8 @@ $(BIN)/python:
 # Reinstall only when the project's requirements change. torch==2.13.0 resolves to the local CPU wheel.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ray,grpc,encoder]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,grpc,encoder,openvino,executorch,tvm]'
+	$(BIN)/python -m pip install -q --no-deps 'onnx2torch>=1.5'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,8 +38,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/python -m mypy
 
+# The suite (under 10 minutes on 2 cores), then the optional runtimes' tests (OpenVINO, ExecuTorch, TVM tuning,
+# ONNX import, MindSpore when KILN_MINDSPORE_PYTHON names a python with it), a few minutes more.
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not runtimes"
+	$(MAKE) --no-print-directory test-runtimes
+
+test-runtimes: $(STAMP)
+	$(BIN)/python -m pytest -q -m runtimes
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

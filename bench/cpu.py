@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cpu.py                  # both models (about 5-8 minutes on 2 cores)
     .venv/bin/python bench/cpu.py --only digits    # or --only encoder, --only minilm
+    .venv/bin/python bench/cpu.py --runtimes       # every runtime's row, OpenVINO/ExecuTorch/TVM included
 
 1. digits (examples/digits): `kiln build` as `make demo` runs it; the selected variant against eager fp32 at
    batch 1. Target: >= 4x.
@@ -12,6 +13,10 @@
    verified on tokenised held-out sentences (examples/minilm/sentences.npz), timed at batch 8, sequence 64:
    the selected variant against eager fp32, and its per-row cosine against fp32 on those sentences.
    Target: >= 3x at cosine >= 0.99.
+
+4. `--runtimes`: every runtime's fastest accepted variant (OpenVINO, ExecuTorch and TVM included) for digits
+   (batch 1) and the encoder (batch 8, sequence 128), with its speed against eager fp32 and ONNX Runtime fp32 as
+   the build timed them, and its accuracy against fp32 (cosine, top-1 agreement).
 
 Both the baseline and the selected variant are loaded back from the repository and timed in the same run,
 alternating, `--rounds` times; the table quotes the median of the per-round medians.
@@ -95,6 +100,57 @@ def minilm(work: Path, rounds: int) -> dict[str, Any]:
             "build": _candidates(r), "selection": r.manifest.get("selection")}
 
 
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "openvino", "executorch", "tvm")
+
+
+def runtimes(work: Path, tvm_trials: int) -> list[dict[str, Any]]:
+    """One build per model with every CPU runtime; per backend its fastest accepted variant."""
+    sys.path.insert(0, str(ENCODER))
+    from model import TextEncoder
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    save_model(TextEncoder().eval(), str(work / "encoder-rt.safetensors"))
+    builds = [
+        ("digits", 1, kiln.build(f"{DIGITS}/model.py:DigitsNet", weights=DIGITS / "digits.safetensors", name="digits-rt",
+                                 data=DIGITS / "test.npz", calib=DIGITS / "calib.npz", repo=work, batch=(1,),
+                                 backends=RUNTIMES, tvm_trials=tvm_trials, report=False)),
+        ("encoder", 8, kiln.build(f"{ENCODER}/model.py:TextEncoder", weights=work / "encoder-rt.safetensors", name="encoder-rt",
+                                  inputs=ENCODER_INPUTS, repo=work, batch=(8,), dim_size={"seq": 128}, backends=RUNTIMES,
+                                  tvm_trials=0, report=False)),
+    ]
+    rows = []
+    for model, batch, r in builds:
+        p50 = {c.variant: next(t.p50_ms for t in c.timings if t.batch == batch) for c in r.candidates
+               if c.status == "accepted" and c.timings}
+        eager, ort = p50.get("eager/fp32"), p50.get("onnxruntime/fp32")
+        for backend in RUNTIMES:
+            mine = {v: ms for v, ms in p50.items() if v.startswith(backend + "/")}
+            if not mine:
+                why = next((c.reason for c in r.candidates if c.backend == backend), "not built")
+                rows.append({"model": model, "backend": backend, "variant": None, "reason": why})
+                continue
+            best = min(mine, key=mine.__getitem__)
+            acc = next(c.accuracy for c in r.candidates if c.variant == best) or []
+            rows.append({"model": model, "backend": backend, "variant": best, "batch": batch, "p50_ms": mine[best],
+                         "vs_eager": eager / mine[best] if eager else None, "vs_ort_fp32": ort / mine[best] if ort else None,
+                         "cosine": min((a.get("cosine", 1.0) for a in acc), default=None),
+                         "top1": min((a["top1_agreement"] for a in acc if "top1_agreement" in a), default=None)})
+    return rows
+
+
+def print_runtimes(rows: list[dict[str, Any]]) -> None:
+    print("\nEvery CPU runtime's fastest accepted variant (build timings, p50)")
+    print(f"{'model':8} {'runtime':12} {'variant':34} {'ms':>8} {'vs eager':>9} {'vs ORT fp32':>12} {'cosine':>8} {'top-1':>7}")
+    for r in rows:
+        if r["variant"] is None:
+            print(f"{r['model']:8} {r['backend']:12} {'-':34} {r['reason'][:70]}")
+            continue
+        fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+        print(f"{r['model']:8} {r['backend']:12} {r['variant']:34} {r['p50_ms']:>8.3f} {fmt(r['vs_eager'], '.2f'):>8}x "
+              f"{fmt(r['vs_ort_fp32'], '.2f'):>11}x {fmt(r['cosine'], '.5f'):>8} {fmt(r['top1'], '.2%'):>7}")
+
+
 def _candidates(r: kiln.BuildResult) -> list[dict[str, Any]]:
     return [{"variant": c.variant, "status": c.status, "reason": c.reason,
              "p50_ms": {t.batch: t.p50_ms for t in c.timings}} for c in r.candidates]
@@ -105,7 +161,15 @@ def main() -> int:
     p.add_argument("--only", choices=("digits", "encoder", "minilm"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, help="write every number as JSON here")
+    p.add_argument("--runtimes", action="store_true", help="only the every-runtime table (digits and the encoder)")
+    p.add_argument("--tvm-trials", type=int, default=0, help="MetaSchedule trials for digits' tvm row (default: 0, untuned)")
     args = p.parse_args()
+    if args.runtimes:
+        rows = runtimes(Path(tempfile.mkdtemp(prefix="kiln-bench-rt-")), args.tvm_trials)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=2))
+        print_runtimes(rows)
+        return 0
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-cpu-"))
     results = []

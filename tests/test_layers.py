@@ -16,7 +16,7 @@ SRC = Path(kiln.__file__).parent
 # Bottom up. A build writes a repository and a bench reads one, so the repository sits below them.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("kiln.errors", "kiln.recipe", "kiln.spec", "kiln.signature", "kiln.source",
-              "kiln.runner", "kiln.data", "kiln.progress", "kiln.inputs")),
+              "kiln.runner", "kiln.data", "kiln.progress", "kiln.inputs", "kiln.onnx_import")),
     ("transforms", ("kiln.transforms",)),
     ("backends", ("kiln.backends",)),
     ("repository", ("kiln.repository",)),

@@ -121,7 +121,7 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
           calib: str | Path | None = None, prune: float | None = None,
           variants: Sequence[str] | None = None, outputs: Sequence[str] | dict[str, str] | None = None,
           prefer: Literal["fastest", "lossless"] = "fastest", max_load_s: float | None = None,
-          quick: bool = False, time_budget_s: float | None = None) -> BuildResult:
+          quick: bool = False, time_budget_s: float | None = None, tvm_trials: int = 32) -> BuildResult:
     """Build, verify and select; write repo/<name>/<version>/ and return what happened.
 
     >>> result = kiln.build("examples/digits/model.py:DigitsNet", weights="examples/digits/digits.safetensors",
@@ -131,13 +131,14 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
 
     `source` is what `kiln build` takes (file.py:Factory, pkg.module:Class, .pt, .pt2, .onnx) or an nn.Module in
     memory. The keywords are the CLI's flags: `batch=(1, 32)` is --batch, `backends=["eager", "onnxruntime"]` is
-    --backends, `dim_size={"seq": 128}` is --dim-size.
+    --backends (default: all but the optional runtimes openvino, executorch and tvm; "all" for every one), `dim_size={"seq": 128}` is --dim-size.
     `precision` bounds the search (fp32, fp16, bf16, int8 or auto), `prune` adds pruned variants (a fraction),
     `variants` keeps only variants matching these glob patterns (e.g. ["compile/fp16*", "eager/fp32*"]).
     `outputs` declares output kinds ({"embedding": "embedding"} or ["embedding:embedding"]); undeclared ones are
     inferred and said. `prefer="lossless"` keeps an fp32 variant; `max_load_s` rules out variants slower to load.
     `quick` tries only the variants likeliest to win for their build cost (and sets a 60 s `time_budget_s` unless
     one is given); with a time budget, a variant whose expected build time would pass it is skipped, and says so.
+    `tvm_trials` is the MetaSchedule trial budget of the tvm variants (0: untuned).
     The stages, each usable alone: resolve -> plan_variants -> verification data and reference outputs ->
     run_variant (export, load back, verify, time) for each -> select -> write_repository -> report.
     """
@@ -154,7 +155,7 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
     check_build_device(device)
     if isinstance(backends, str):
         backends = backends.split(",")
-    names = list(backends or registry.names())
+    names = registry.names() if backends and list(backends) == ["all"] else list(backends or registry.defaults())
     for n in names:
         registry.get(n)
     dim_sizes = dim_size or {}
@@ -174,7 +175,8 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
         if res.module is not None and device == "cpu" and precision == "auto" and any(v.recipe.dtype for v in todo):
             left_out = probe_low_precision(res.module, timing_inputs(res.inputs, sizes[-1], verify, dim_sizes))
         for v in todo:
-            if v.recipe.precision in left_out:
+            # eager's probe speaks for the torch backends; a runtime with its own kernels (OpenVINO) says `HALF_PROBE = False`
+            if v.recipe.precision in left_out and getattr(registry.get(v.backend), "HALF_PROBE", True):
                 left_by_name.setdefault(v.name, left_out[v.recipe.precision])
         if quick:  # likeliest first, so that a time budget cuts the least promising
             todo.sort(key=lambda v: (v.name in left_by_name, v.name != "eager/fp32", cost(v)))
@@ -207,7 +209,8 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
                     candidates.append(Candidate(v.name, v.backend, v.recipe.precision, list(v.recipe.passes), "skipped", why))
                     continue
                 candidates.append(run_variant(v, subject, Path(tmp) / repository.variant_dir(v.name), verify, ref_out,
-                                              budget, sizes, dim_sizes, prog, keep=runners, estimate=est))
+                                              budget, sizes, dim_sizes, prog, keep=runners, estimate=est,
+                                              settings={"objective": objective, "tvm_trials": tvm_trials}))
             distrust_orphans(candidates)
             prog.note("selecting: timing the contenders in alternating rounds")
             sel = select([c for c in candidates if c.status == "accepted"], objective, sizes, runners=runners,
@@ -287,8 +290,8 @@ def resolve(source: str | torch.nn.Module, *, weights: str | Path | None = None,
         graph_in, out_specs = ortb.signature(src.path)
         in_specs = _merge_onnx_inputs(graph_in, in_specs)
         ref = _onnx_reference(ortb.session(src.path), in_specs, out_specs)
-        return Resolved(src, model_name, None, in_specs, _declare_kinds(src, out_specs, outputs), ref, preprocess,
-                        columns=_toml_columns(src, in_specs))
+        return Resolved(src, model_name, _onnx_module(src), in_specs, _declare_kinds(src, out_specs, outputs), ref,
+                        preprocess, columns=_toml_columns(src, in_specs))
     module = load_module(src)
     if not in_specs:
         args = _forward_arguments(module)
@@ -306,6 +309,17 @@ def resolve(source: str | torch.nn.Module, *, weights: str | Path | None = None,
     out_specs = _declare_kinds(src, out_specs, outputs)
     return Resolved(src, model_name, module, in_specs, out_specs, _eager_reference(module, device), preprocess, as_dict,
                     _toml_columns(src, in_specs))
+
+
+def _onnx_module(src: ModelSource) -> torch.nn.Module | None:
+    """An ONNX source as a torch module for the torch backends (verified, like every variant, against ONNX Runtime on
+    the original file), or None with a note saying why not."""
+    try:
+        return load_module(src)
+    except (Skip, KilnError) as e:
+        why = e.message if isinstance(e, KilnError) else str(e)
+        src.notes.append(f"onnx import: {why}")
+        return None
 
 
 def _toml_columns(src: ModelSource, inputs: list[TensorSpec]) -> dict[str, list[str]]:
@@ -363,9 +377,11 @@ def write_report(result: BuildResult) -> Path:
 
 def run_variant(variant: Variant, subject: Subject, staged: Path, verify: VerifyData,
                 ref_out: list[list[np.ndarray]], budget: Budget, batch_sizes: list[int], dim_sizes: dict[str, int],
-                prog: Reporter, keep: dict[str, Runner] | None = None, estimate: Estimate | None = None) -> Candidate:
+                prog: Reporter, keep: dict[str, Runner] | None = None, estimate: Estimate | None = None,
+                settings: dict[str, Any] | None = None) -> Candidate:
     """Stage 4, for one variant: export into `staged`, load it back from its files, verify it, time it.
-    `estimate`, when given, learns how long this variant took (for the time left that progress shows)."""
+    `estimate`, when given, learns how long this variant took (for the time left that progress shows); `settings`
+    reach the backend's export options (`objective`, `tvm_trials`)."""
     started = time.perf_counter()
     backend = registry.get(variant.backend)
     recipe = variant.recipe
@@ -376,7 +392,8 @@ def run_variant(variant: Variant, subject: Subject, staged: Path, verify: Verify
     try:
         prog.step(c.variant, next(steps))
         t0 = time.perf_counter()
-        options = {"recipe": recipe, "calibration": verify.calibration, "batch_sizes": batch_sizes, "dim_sizes": dim_sizes}
+        options = {**(settings or {}), "recipe": recipe, "calibration": verify.calibration, "batch_sizes": batch_sizes,
+                   "dim_sizes": dim_sizes}
         meta = backend.export(subject, staged, options=options)
         c.export_s = time.perf_counter() - t0
         c.size_bytes = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
@@ -522,7 +539,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"kiln": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("numpy", "onnx", "onnxruntime", "onnxscript", "safetensors"):
+    for pkg in ("numpy", "onnx", "onnxruntime", "onnxscript", "safetensors", "openvino", "nncf", "executorch", "apache-tvm", "onnx2torch"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

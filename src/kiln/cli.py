@@ -124,7 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,32", help="batch sizes to time, comma-separated (default: 1,32)")
     b.add_argument("--objective", choices=("latency", "throughput"), default="latency",
                    help="latency: lowest p50 at the smallest batch; throughput: most items/s at the largest")
-    b.add_argument("--backends", help="comma-separated subset of eager,torchscript,aoti,onnxruntime,compile,tensorrt")
+    b.add_argument("--backends", help="comma-separated subset of eager,torchscript,aoti,onnxruntime,compile,tensorrt and the optional "
+                        "openvino,executorch,tvm, or 'all' (default: all but the optional ones)")
+    b.add_argument("--tvm-trials", type=int, default=32, metavar="N",
+                   help="MetaSchedule tuning trials for the tvm variant; 0 builds untuned with dynamic shapes (default: 32)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     b.add_argument("--dim-size", action="append", default=[], metavar="DIM=N",
                    help="size of a non-batch dynamic dim when timing, e.g. seq=128 (repeatable)")
@@ -343,7 +346,7 @@ def _build(args: argparse.Namespace) -> int:
                       int8_min_top1_agreement=args.int8_min_top1, half_min_cosine=args.half_min_cosine),
         precision=args.precision, calib=args.calib, prune=args.prune,
         variants=args.variants.split(",") if args.variants else None, outputs=args.outputs, prefer=args.prefer,
-        max_load_s=args.max_load_s, quick=args.quick, time_budget_s=args.time_budget,
+        max_load_s=args.max_load_s, quick=args.quick, time_budget_s=args.time_budget, tvm_trials=args.tvm_trials,
         batch=_int_list(args.batch, "--batch"), objective=args.objective,
         backends=args.backends.split(",") if args.backends else None, device=args.device,
         dim_size=_dim_sizes(args.dim_size), progress=reporter(quiet=args.quiet),

@@ -127,6 +127,10 @@ class ModelSource:
             raise KilnError(f"--weights is only for Python sources, not {p.suffix} files",
                             hint="a TorchScript, .pt2 or .onnx file already holds its weights")
         kinds: dict[str, SourceKind] = {".pt": "torchscript", ".pth": "torchscript", ".pt2": "exported", ".onnx": "onnx"}
+        if p.suffix in (".mindir", ".ckpt"):
+            raise KilnError(f"kiln reads MindSpore models through ONNX, not {p.suffix} files: {p}",
+                            hint="in MindSpore: mindspore.onnx.export(net, example_input, file_name='model.onnx', "
+                                 "dynamic_axes=...), then: kiln build model.onnx (README: MindSpore)")
         if p.suffix not in kinds:
             raise KilnError(
                 f"unknown model file type {p.suffix!r}: {p}",
@@ -161,7 +165,7 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 def load_module(src: ModelSource) -> nn.Module:
-    """Instantiate the model in eval mode with its weights. ONNX sources have no torch module."""
+    """Instantiate the model in eval mode with its weights (an ONNX source through onnx2torch)."""
     if src.instance is not None:
         import copy
 
@@ -188,8 +192,11 @@ def load_module(src: ModelSource) -> nn.Module:
         model = load_torchscript(src.path)  # type: ignore[arg-type]
     elif src.kind == "exported":
         model = ExportedModule(load_exported(src.path).module())  # type: ignore[arg-type]
-    else:
-        raise KilnError("an ONNX source has no PyTorch module", hint="only the onnxruntime backend runs it")
+    else:  # ONNX, converted by onnx2torch (kiln.onnx_import); raises Skip or KilnError when it cannot be
+        from kiln.onnx_import import to_torch
+
+        assert src.path is not None
+        model = to_torch(src.path, src.notes)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -41,6 +41,12 @@ def names() -> list[str]:
     return list(_discover())
 
 
+def defaults() -> list[str]:
+    """The backends a build tries when none are named: all but those declaring `DEFAULT = False` (the optional
+    runtimes, whose builds take longer: OpenVINO, ExecuTorch, TVM). `--backends all` names every one."""
+    return [n for n, m in _discover().items() if getattr(m, "DEFAULT", True)]
+
+
 def get(name: str) -> ModuleType:
     found = _discover()
     if name not in found:

@@ -83,7 +83,9 @@ class Target:
 
 def require_module(subject: Subject, backend: str) -> nn.Module:
     if subject.module is None:
-        raise Skip(f"{backend} needs a PyTorch model; an {subject.source.kind} source runs only on onnxruntime")
+        why = next((n for n in reversed(subject.source.notes) if n.startswith("onnx import:")), "")
+        raise Skip(f"{backend} needs a PyTorch model; this {subject.source.kind} source has none"
+                   + (f" ({why.removeprefix('onnx import: ')})" if why else ""))
     return subject.module
 
 
@@ -166,8 +168,8 @@ def save_python_source(subject: Subject, directory: Path) -> dict[str, Any]:
         else:
             meta.update(module=src.module, attr=src.attr)
         save_model(module, str(directory / "weights.safetensors"))
-    elif src.kind in ("torchscript", "exported"):
-        name = "model.pt" if src.kind == "torchscript" else "model.pt2"
+    elif src.kind in ("torchscript", "exported", "onnx"):  # an ONNX source is converted again at load (onnx2torch)
+        name = {"torchscript": "model.pt", "exported": "model.pt2", "onnx": "model.onnx"}[src.kind]
         assert src.path is not None
         shutil.copyfile(src.path, directory / name)
         meta.update(file=name)
