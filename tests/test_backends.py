@@ -11,7 +11,7 @@ import torch
 
 import kiln
 import zoo
-from kiln.backends import names as backend_names
+from kiln.backends import defaults as backend_names
 from kiln.signature import example_inputs
 from kiln.spec import TensorSpec
 
@@ -29,7 +29,8 @@ def eager(name: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, tuple) else [out]
 
 
-@pytest.mark.parametrize("backend", [b for b in backend_names() if b != "tensorrt"])  # TensorRT: tests/test_cuda.py
+# TensorRT: tests/test_cuda.py; the optional runtimes (OpenVINO, ExecuTorch, TVM): tests/test_runtimes.py
+@pytest.mark.parametrize("backend", [b for b in backend_names() if b != "tensorrt"])
 @pytest.mark.parametrize("name", ROUND_TRIP)
 def test_round_trip(built: Callable[[str], kiln.BuildResult], name: str, backend: str) -> None:
     result = built(name)
