@@ -14,6 +14,7 @@ from kiln.backends.common import (
     Subject,
     Target,
     check_device,
+    data_dependent,
     first_line,
     flatten_outputs,
     module_runner,
@@ -93,7 +94,7 @@ def export_program(flat: torch.nn.Module, subject: Subject) -> torch.export.Expo
     try:
         return torch.export.export(flat, examples, dynamic_shapes=torch_dynamic_shapes(subject.inputs), strict=False)
     except Exception as first:
-        if _data_dependent(first):
+        if data_dependent(first):
             raise KilnError("torch.export hit data-dependent control flow (an `if` on tensor values)",
                             hint="rewrite the branch with torch.cond, or rely on the torchscript/compile variants") from None
         try:
@@ -103,12 +104,6 @@ def export_program(flat: torch.nn.Module, subject: Subject) -> torch.export.Expo
                             hint="see https://pytorch.org/docs/stable/export.html for supported constructs") from None
         subject.notes.append(f"torch.export: named dims conflicted ({first_line(first)}); used inferred ranges")
         return ep
-
-
-def _data_dependent(e: Exception) -> bool:
-    text = f"{type(e).__name__} {e}"
-    return any(k in text for k in ("GuardOnDataDependentSymNode", "data-dependent", "data dependent", "UserError: Dynamic control flow"))
-
 
 
 def compatible(meta: dict[str, Any]) -> str | None:

@@ -11,9 +11,12 @@ A backend is one module under `kiln/backends/` (or a `kiln.backends` entry point
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,17 +98,49 @@ def recipe_of(options: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def torch_dynamic_shapes(specs: list[TensorSpec], *, auto: bool = False) -> tuple[tuple[dict[int, Any], ...]]:
-    """torch.export dynamic_shapes for FlatModel's `*args`; dims sharing a name share one Dim."""
+def torch_dynamic_shapes(specs: list[TensorSpec], *, auto: bool = False,
+                         bounds: dict[str, int] | None = None) -> tuple[tuple[dict[int, Any], ...]]:
+    """torch.export dynamic_shapes for FlatModel's `*args`; dims sharing a name share one Dim, bounded above by
+    `bounds[name]` where given (ExecuTorch plans memory for the largest shape)."""
     dims: dict[str, Any] = {}
+    top = bounds or {}
     out = []
     for s in specs:
         d = {}
         for i, name in s.dynamic_dims.items():
-            d[i] = torch.export.Dim.AUTO if auto else dims.setdefault(name, torch.export.Dim(name, min=1))
+            d[i] = torch.export.Dim.AUTO if auto else dims.setdefault(name, torch.export.Dim(name, min=1, max=top.get(name)))
         out.append(d)
     # FlatModel.forward takes *args: export sees one positional argument, the tuple of inputs.
     return (tuple(out),)
+
+
+def data_dependent(e: BaseException) -> bool:
+    """Whether an exporter failed on control flow or shapes that depend on tensor values."""
+    text = f"{type(e).__name__} {e}"
+    return any(k in text for k in ("GuardOnDataDependentSymNode", "data-dependent", "data dependent",
+                                   "UserError: Dynamic control flow"))
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Silence a runtime's Python-side chatter: these loggers below ERROR, and stdout/stderr."""
+    found = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in found]
+    for lg in found:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(found, levels):
+            lg.setLevel(level)
+
+
+def cpu_only(device: str, runtime: str) -> None:
+    """The optional runtimes kiln drives on CPUs only (OpenVINO, ExecuTorch, TVM)."""
+    check_device(device)
+    if device != "cpu":
+        raise Skip(f"kiln runs {runtime} on the CPU; build with --device cpu")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -12,15 +12,25 @@ kernels. A batch larger than the bound is run in slices. This replaces torch.uti
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kiln.backends.common import Subject, Target, check_device, first_line, flatten_outputs, recipe_of, require_module
+from kiln.backends.common import (
+    Subject,
+    Target,
+    cpu_only,
+    data_dependent,
+    first_line,
+    flatten_outputs,
+    quiet,
+    recipe_of,
+    require_module,
+    torch_dynamic_shapes,
+)
+from kiln.data import batch_dim
 from kiln.errors import KilnError, Skip
 from kiln.recipe import Recipe
 from kiln.runner import Runner
@@ -43,24 +53,12 @@ def variants(t: Target) -> list[Recipe]:
     return [Recipe("fp32", t.fold), Recipe("int8-static", t.fold)]
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("executorch", "torchao", "torch.utils._pytree", "root")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+_LOGGERS = ("executorch", "torchao", "torch.utils._pytree", "root")
 
 
 def _require() -> None:
     try:
-        with _quiet():
+        with quiet(*_LOGGERS):
             import executorch.exir
             import executorch.runtime  # noqa: F401
     except ImportError:
@@ -71,7 +69,7 @@ def bounds(inputs: list[TensorSpec], batch_sizes: list[int], dim_sizes: dict[str
     """The upper bound of every named dynamic dim: the batch from the build's sizes (at least MAX_BATCH), others
     from --dim-size (at least MAX_DIM)."""
     dim_sizes = dim_sizes or {}
-    batch = inputs[0].shape[0] if inputs and isinstance(inputs[0].shape[0], str) else None
+    batch = batch_dim(inputs)
     out: dict[str, int] = {}
     for s in inputs:
         for name in s.dynamic_dims.values():
@@ -82,15 +80,8 @@ def bounds(inputs: list[TensorSpec], batch_sizes: list[int], dim_sizes: dict[str
     return out
 
 
-def _dynamic_shapes(inputs: list[TensorSpec], top: dict[str, int]) -> tuple[tuple[dict[int, Any], ...]]:
-    dims: dict[str, Any] = {}
-    return (tuple({i: dims.setdefault(n, torch.export.Dim(n, min=1, max=top[n])) for i, n in s.dynamic_dims.items()}
-                  for s in inputs),)
-
-
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
-    if subject.device != "cpu":
-        raise Skip("kiln builds ExecuTorch programs for CPUs (XNNPACK); build with --device cpu")
+    cpu_only(subject.device, "ExecuTorch programs (XNNPACK)")
     module = require_module(subject, NAME)
     if isinstance(module, torch.jit.ScriptModule):
         raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
@@ -102,11 +93,11 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
     flat = FlatModel(apply(module, Recipe("fp32", recipe.passes), subject.notes)).eval()
     examples = tuple(subject.examples)
     try:
-        with _quiet():
+        with quiet(*_LOGGERS):
             try:
-                program, share = _lower(flat, examples, _dynamic_shapes(subject.inputs, top), recipe, options)
+                program, share = _lower(flat, examples, torch_dynamic_shapes(subject.inputs, bounds=top), recipe, options)
             except Exception as e:
-                if not _data_dependent(e):
+                if not (data_dependent(e) or "onstraint" in str(e)):  # value-dependent shapes, or bounds export refuses
                     raise
                 # a graph that guards on its shapes (onnx2torch's Reshape, for one) still exports at fixed shapes
                 program, share = _lower(flat, examples, None, recipe, options)
@@ -114,7 +105,7 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
                 subject.notes.append(f"executorch: dynamic dims failed to export ({first_line(e)[:120]}); exported at the "
                                      f"fixed shapes {top}, larger batches run in slices")
         (directory / FILE).write_bytes(program.buffer)
-        batch = _batch_dim(subject.inputs)
+        batch = batch_dim(subject.inputs)
         if batch in top:
             top[batch] = _batch_capacity(directory / FILE, subject, batch, top[batch])
     except (Skip, KilnError):
@@ -143,10 +134,6 @@ def _lower(flat: torch.nn.Module, examples: tuple[torch.Tensor, ...], shapes: An
     share = delegated(lowered.exported_program().graph_module)
     # memory planned for the dims' upper bounds (the default plans for the example's sizes)
     return lowered.to_executorch(ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass())), share
-
-
-def _batch_dim(inputs: list[TensorSpec]) -> str | None:
-    return inputs[0].shape[0] if inputs and isinstance(inputs[0].shape[0], str) else None
 
 
 def _batch_capacity(path: Path, subject: Subject, batch: str, bound: int) -> int:
@@ -194,12 +181,6 @@ def _fd2_quiet() -> Any:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
-
-
-def _data_dependent(e: BaseException) -> bool:
-    text = f"{type(e).__name__} {e}"
-    return any(k in text for k in ("GuardOnDataDependentSymNode", "data-dependent", "data dependent", "ConstraintViolation",
-                                   "Constraints violated"))
 
 
 def _quantize(flat: torch.nn.Module, examples: tuple[torch.Tensor, ...], shapes: Any,
@@ -257,20 +238,18 @@ def compatible(meta: dict[str, Any]) -> str | None:
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
          *, device: str = "cpu", threads: int | None = None) -> Runner:
-    check_device(device)
-    if device != "cpu":
-        raise Skip("kiln runs ExecuTorch programs on the CPU")
+    cpu_only(device, "ExecuTorch programs")
     _require()
     from executorch.runtime import Runtime, Verification
 
     try:
-        with _quiet():
+        with quiet(*_LOGGERS):
             program = Runtime.get().load_program(directory / meta["file"], verification=Verification.InternalConsistency)
             method = program.load_method("forward")
     except Exception as e:
         raise KilnError(f"ExecuTorch cannot load {directory / meta['file']}: {first_line(e)}",
                         hint="the .pte is corrupt or was written by another ExecuTorch release; rebuild the model") from None
-    batch = _batch_dim(inputs)
+    batch = batch_dim(inputs)
     top = meta.get("bounds", {}).get(batch) if batch else None
     lock = threading.Lock()  # a loaded method holds one set of buffers: one call at a time
 

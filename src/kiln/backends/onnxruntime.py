@@ -10,7 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.backends.common import Subject, Target, check_device, first_line, recipe_of, require_module, torch_dynamic_shapes
+from kiln.backends.common import (
+    Subject,
+    Target,
+    check_device,
+    data_dependent,
+    first_line,
+    recipe_of,
+    require_module,
+    torch_dynamic_shapes,
+)
 from kiln.errors import KilnError, Skip
 from kiln.recipe import Recipe
 from kiln.runner import Runner
@@ -99,8 +108,7 @@ def write_onnx(subject: Subject, directory: Path, recipe: Recipe) -> dict[str, A
             name_outputs(program.model.graph, names_out)
             program.save(str(out), external_data=big)
     except Exception as e:
-        text = f"{type(e).__name__} {e}"
-        if "data-dependent" in text or "GuardOnDataDependentSymNode" in text or "data dependent" in text:
+        if data_dependent(e):
             raise KilnError("ONNX export hit data-dependent control flow (an `if` on tensor values)",
                             hint="rewrite the branch with torch.cond, or rely on the torchscript/compile variants") from None
         raise KilnError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}",

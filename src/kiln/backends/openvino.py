@@ -11,9 +11,6 @@ server compiles the artifact the way it was measured.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.backends.common import Subject, Target, check_device, first_line, recipe_of
+from kiln.backends.common import Subject, Target, cpu_only, first_line, quiet, recipe_of
 from kiln.errors import KilnError, Skip
 from kiln.recipe import Recipe
 from kiln.runner import Runner
@@ -56,8 +53,7 @@ def cpu_has_bf16() -> bool:
 
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
-    if subject.device != "cpu":
-        raise Skip("kiln runs OpenVINO on the CPU; build with --device cpu")
+    cpu_only(subject.device, "OpenVINO")
     ov = _ov()
     recipe = recipe_of(options)
     if recipe.passes or recipe.precision not in ("fp32", "bf16", "int8-static"):
@@ -92,18 +88,13 @@ def _quantize(model: Any, subject: Subject, calibration: list[list[torch.Tensor]
     names = [s.name for s in subject.inputs]
     feeds = [{n: x.numpy() for n, x in zip(names, batch)} for batch in calibration]
     transformer = any(s.dtype.startswith("int") for s in subject.inputs)  # token ids in: an encoder
-    sink = io.StringIO()
-    level = logging.getLogger("nncf").level
-    logging.getLogger("nncf").setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with quiet("nncf"):
             return nncf.quantize(model, nncf.Dataset(feeds), subset_size=sum(len(b[0]) for b in calibration),
                                  model_type=nncf.ModelType.TRANSFORMER if transformer else None)
     except Exception as e:
         raise KilnError(f"NNCF quantization failed: {type(e).__name__}: {first_line(e)}",
                         hint="the fp32 OpenVINO variant still applies") from None
-    finally:
-        logging.getLogger("nncf").setLevel(level)
 
 
 def compatible(meta: dict[str, Any]) -> str | None:
@@ -118,9 +109,7 @@ def compatible(meta: dict[str, Any]) -> str | None:
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
          *, device: str = "cpu", threads: int | None = None) -> Runner:
-    check_device(device)
-    if device != "cpu":
-        raise Skip("kiln runs OpenVINO on the CPU")
+    cpu_only(device, "OpenVINO")
     ov = _ov()
     config: dict[str, Any] = {"PERFORMANCE_HINT": meta.get("hint", "LATENCY"),
                               "INFERENCE_PRECISION_HINT": meta.get("precision_hint", "f32")}

@@ -16,10 +16,7 @@ when measured faster, like every variant.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import logging
 import os
 import shutil
 import threading
@@ -30,12 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.backends.common import Subject, Target, check_device, first_line, recipe_of, require_module, torch_dynamic_shapes
+from kiln.backends.common import Subject, Target, cpu_only, first_line, quiet, recipe_of, require_module, torch_dynamic_shapes
+from kiln.data import batch_dim
 from kiln.errors import KilnError, Skip
 from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.signature import FlatModel
-from kiln.spec import TensorSpec
+from kiln.spec import TensorSpec, synthetic, to_tensor
 
 NAME = "tvm"
 DEFAULT = False  # tuning takes minutes: --backends all (or naming it) adds it
@@ -48,22 +46,9 @@ def variants(t: Target) -> list[Recipe]:
     return [Recipe("fp32")]
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    sink = io.StringIO()
-    lg = logging.getLogger("tvm")
-    level = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        lg.setLevel(level)
-
-
 def _tvm() -> Any:
     try:
-        with _quiet():
+        with quiet("tvm"):
             import tvm
             from tvm import relax  # noqa: F401
     except ImportError:
@@ -95,8 +80,7 @@ def _relax(flat: torch.nn.Module, examples: tuple[torch.Tensor, ...], shapes: An
 
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
-    if subject.device != "cpu":
-        raise Skip("kiln builds TVM libraries for CPUs (llvm); build with --device cpu")
+    cpu_only(subject.device, "TVM libraries (llvm)")
     module = require_module(subject, NAME)
     if isinstance(module, torch.jit.ScriptModule):
         raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
@@ -111,10 +95,10 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
     flat = FlatModel(module).eval()
     batch_sizes = sorted(set(options.get("batch_sizes", [1])))
     dim_sizes = options.get("dim_sizes") or {}
-    batch = subject.inputs[0].shape[0] if isinstance(subject.inputs[0].shape[0], str) else None
+    batch = batch_dim(subject.inputs)
     t0 = time.perf_counter()
     try:
-        with _quiet():
+        with quiet("tvm"):
             if trials <= 0:
                 mod, params = _relax(flat, tuple(subject.examples), torch_dynamic_shapes(subject.inputs))
                 with target:
@@ -131,8 +115,7 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
                 libs, tuned = [], ""
                 per = max(1, trials // max(1, len(batch_sizes)))
                 for b in batch_sizes if batch else [None]:
-                    xs = tuple(_static_example(s, b, batch, dim_sizes) for s in subject.inputs)
-                    mod, params = _relax(flat, xs, None)
+                    mod, params = _relax(flat, _static_examples(subject.inputs, b, batch, dim_sizes), None)
                     mod, tuned = _tune(mod, target, per, directory / TUNING / f"b{b or 0}", subject)
                     name = f"model.b{b}.so" if b else "model.so"
                     tvm.compile(mod, target=target).export_library(str(directory / name))
@@ -150,11 +133,10 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
             "tuned": tuned, "params": "params.npz", "n_params": len(params)}
 
 
-def _static_example(spec: TensorSpec, b: int | None, batch: str | None, dim_sizes: dict[str, int]) -> torch.Tensor:
-    shape = [int(b or 1) if d == batch else dim_sizes[d] if isinstance(d, str) else int(d) for d in spec.shape]
-    if spec.dtype.startswith("int"):
-        return torch.zeros(shape, dtype=getattr(torch, spec.dtype))
-    return torch.randn(shape).to(getattr(torch, spec.dtype))
+def _static_examples(inputs: list[TensorSpec], b: int | None, batch: str | None, dim_sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    sizes = {**dim_sizes, **({batch: b} if batch and b else {})}
+    rng = np.random.default_rng(0)
+    return tuple(to_tensor(synthetic(s, sizes, rng), s) for s in inputs)
 
 
 def _tune(mod: Any, target: Any, trials: int, work: Path, subject: Subject) -> tuple[Any, str]:
@@ -204,9 +186,7 @@ def compatible(meta: dict[str, Any]) -> str | None:
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
          *, device: str = "cpu", threads: int | None = None) -> Runner:
-    check_device(device)
-    if device != "cpu":
-        raise Skip("kiln runs TVM libraries on the CPU")
+    cpu_only(device, "TVM libraries")
     tvm = _tvm()
     from tvm import relax
 
