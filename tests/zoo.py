@@ -90,6 +90,23 @@ class Encoder(nn.Module):
         return h, self.cls(pooled)
 
 
+class PooledEncoder(Encoder):
+    """The encoder's pooled head only (a sentence classifier): no output carries the sequence dim, so `+trim`
+    variants apply."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(ids, mask)[1]
+
+
+class MaskBlind(PooledEncoder):
+    """Pools over every position, padding included: cutting the padding changes its output, and `+trim` must be
+    rejected by verification."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))[None]
+        return self.cls(self.norm2(h + self.ff(h)).mean(1)) + 0 * mask[:, :1].to(h.dtype)
+
+
 class TwoInTwoOut(nn.Module):
     def __init__(self) -> None:
         super().__init__()

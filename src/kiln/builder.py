@@ -35,6 +35,7 @@ from kiln.selection import is_lossy, select
 from kiln.signature import FlatModel, discover_outputs, example_inputs
 from kiln.source import ModelSource, load_module
 from kiln.spec import TensorSpec, load_toml_columns, load_toml_outputs, load_toml_specs, parse_output_kind
+from kiln.transforms import trim as trimming
 from kiln.verify import Budget, compare, infer_kind, judge, to_dict
 
 Objective = Literal["latency", "throughput"]
@@ -162,7 +163,8 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
     with _exporters_quiet():
         res = resolve(source, weights=weights, inputs=inputs, name=name, device=device, outputs=outputs)
         todo = plan(names, precision=precision, device=device, module=res.module, prune=prune, patterns=variants,
-                    transformable=res.source.kind == "python", source_kind=res.source.kind)
+                    transformable=res.source.kind == "python", source_kind=res.source.kind,
+                    trim=trimming.plan(res.inputs, res.outputs) is not None)
         left_by_name: dict[str, str] = {}
         if quick:
             left_by_name = quick_plan(todo)
@@ -174,6 +176,14 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
         left_out: dict[str, str] = {}
         if res.module is not None and device == "cpu" and precision == "auto" and any(v.recipe.dtype for v in todo):
             left_out = probe_low_precision(res.module, timing_inputs(res.inputs, sizes[-1], verify, dim_sizes))
+        trim_note = None
+        if any(v.recipe.has("trim") for v in todo) and not trimming.exercised(res.inputs, res.outputs, verify.batches):
+            trim_note = ("+trim variants not tried: no verification batch has trailing padding to cut, so trimming "
+                         "could not be checked")
+            todo = [v for v in todo if not v.recipe.has("trim")]
+            if not todo:
+                raise KilnError(trim_note, hint="pass --data with real rows padded to a common length")
+            trim_note += " (pass --data with real, padded rows)"
         for v in todo:
             # eager's probe speaks for the torch backends; a runtime with its own kernels (OpenVINO) says `HALF_PROBE = False`
             if v.recipe.precision in left_out and getattr(registry.get(v.backend), "HALF_PROBE", True):
@@ -184,6 +194,9 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
         prog.start(len(runnable) * _STEPS)
         prog.note(f"verifying against fp32 {'eager' if res.module is not None else 'onnxruntime'} on {verify.description}")
         notes = list(res.source.notes)
+        if trim_note:
+            notes.append(trim_note)
+            prog.note(trim_note)
         if not verify.from_user:
             notes.append(SYNTHETIC_WARNING)
             prog.note(f"warning: {SYNTHETIC_WARNING}")
@@ -392,8 +405,8 @@ def run_variant(variant: Variant, subject: Subject, staged: Path, verify: Verify
     try:
         prog.step(c.variant, next(steps))
         t0 = time.perf_counter()
-        options = {**(settings or {}), "recipe": recipe, "calibration": verify.calibration, "batch_sizes": batch_sizes,
-                   "dim_sizes": dim_sizes}
+        options = {**(settings or {}), "recipe": recipe.without("trim"), "calibration": verify.calibration,
+                   "batch_sizes": batch_sizes, "dim_sizes": dim_sizes}
         meta = backend.export(subject, staged, options=options)
         c.export_s = time.perf_counter() - t0
         c.size_bytes = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
@@ -407,6 +420,8 @@ def run_variant(variant: Variant, subject: Subject, staged: Path, verify: Verify
         t0 = time.perf_counter()
         with PeakMemory("cpu", interval_s=0.02) as rss:  # CPU: RSS growth while loading and verifying (not timing)
             runner: Runner = backend.load(staged, meta, subject.inputs, subject.outputs, device=subject.device)
+            if recipe.has("trim"):
+                runner = trimming.wrap(runner)
             c.load_s = time.perf_counter() - t0
             c.artifact = meta
             prog.step(c.variant, next(steps))

@@ -105,9 +105,12 @@ def _chunks(inputs: list[TensorSpec], xs: list[np.ndarray], lo: int, hi: int, si
 
 
 def timing_inputs(inputs: list[TensorSpec], batch: int, verify: VerifyData, dim_sizes: dict[str, int]) -> list[torch.Tensor]:
-    """Inputs of `batch` rows for timing: the user's data (tiled) when it fits, else synthetic."""
+    """Inputs of `batch` rows for timing: the user's data (tiled) when it fits (its other dynamic dims, e.g. a
+    padded sequence, have the sizes `dim_sizes` asks for), else synthetic."""
     b = batch_dim(inputs)
-    if b and verify.from_user and not any(s.dynamic_dims.keys() - {0} for s in inputs):
+    fits = all(verify.batches[0][k].shape[axis] == dim_sizes.get(name, verify.batches[0][k].shape[axis])
+               for k, s in enumerate(inputs) for axis, name in s.dynamic_dims.items() if axis != 0) if verify.batches else False
+    if b and verify.from_user and fits:
         cat = [torch.cat([x[k] for x in verify.batches]) for k in range(len(inputs))]
         reps = -(-batch // len(cat[0]))
         return [c.repeat(reps, *([1] * (c.dim() - 1)))[:batch].contiguous() for c in cat]

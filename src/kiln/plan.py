@@ -37,10 +37,13 @@ class Variant:
 
 def plan(backend_names: Sequence[str], *, precision: str = "auto", device: str = "cpu", module: nn.Module | None = None,
          prune: float | None = None, low_precision: Sequence[str] = ("fp16", "bf16"),
-         patterns: Sequence[str] | None = None, transformable: bool = True, source_kind: str = "python") -> list[Variant]:
+         patterns: Sequence[str] | None = None, transformable: bool = True, source_kind: str = "python",
+         trim: bool = False) -> list[Variant]:
     """Every variant to try, in table order: each backend declares what it can build for this target
     (`variants(target)`), then --precision and --variants narrow the list. `low_precision` lists the float
-    precisions worth trying here. Sources that are not Python code are exported as they are.
+    precisions worth trying here. Sources that are not Python code are exported as they are. With `trim` (the
+    model has a mask input and pooled outputs, see kiln.transforms.trim), every variant of a backend that runs
+    any sequence length (`TRIM = True`) is also tried with `+trim`.
 
     >>> [v.name for v in plan(["eager", "onnxruntime"], module=DigitsNet())][:2]
     ['eager/fp32', 'eager/fp32+bnfold']
@@ -53,6 +56,10 @@ def plan(backend_names: Sequence[str], *, precision: str = "auto", device: str =
     target = make_target(module, device=device, precision=precision, prune=prune, low_precision=low_precision,
                          transformable=transformable, source_kind=source_kind)
     out = [Variant(b, r) for b in backend_names for r in backends.get(b).variants(target)]
+    if trim:
+        out = [w for v in out for w in (v, Variant(v.backend, Recipe(v.recipe.precision, (*v.recipe.passes, "trim"))))
+               if w is v or (getattr(backends.get(v.backend), "TRIM", False) and not v.recipe.has("cudagraphs")
+                             and v.recipe.prune() is None)]
     out = [v for v in out if _wanted(v.recipe.precision, precision)]
     if patterns:
         out = [v for v in out if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]

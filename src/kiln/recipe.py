@@ -9,6 +9,8 @@ A variant is `backend/recipe`, e.g. `aoti/int8-static`, `eager/fp16+channels_las
 - `channels_last`   NHWC memory format for 4-D inputs and weights
 - `cudagraphs`      CUDA graphs per batch bucket (runtime option, CUDA only)
 - `max-autotune`    torch.compile mode max-autotune (runtime option, compile backend)
+- `trim`            a batch's trailing padding cut before the call (runtime option; models with a mask input
+                    whose outputs have no sequence dim; see kiln.transforms.trim)
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
-RUNTIME_PASSES = ("cudagraphs", "max-autotune")
-_PASS = re.compile(r"^(bnfold|channels_last|cudagraphs|max-autotune|(ch)?prune([1-9][0-9]?))$")
+RUNTIME_PASSES = ("cudagraphs", "max-autotune", "trim")
+_PASS = re.compile(r"^(bnfold|channels_last|cudagraphs|max-autotune|trim|(ch)?prune([1-9][0-9]?))$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class Recipe:
 
     def has(self, name: str) -> bool:
         return name in self.passes
+
+    def without(self, name: str) -> Recipe:
+        """This recipe less one pass (what a backend exports when kiln applies that pass itself, e.g. `trim`)."""
+        return Recipe(self.precision, tuple(p for p in self.passes if p != name))
 
     @property
     def dtype(self) -> torch.dtype | None:

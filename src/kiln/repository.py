@@ -11,9 +11,11 @@ from typing import Any
 
 from kiln import backends
 from kiln.errors import KilnError, Skip
+from kiln.recipe import Recipe
 from kiln.runner import Runner
 from kiln.source import sha256_file
 from kiln.spec import TensorSpec
+from kiln.transforms import trim
 
 MANIFEST = "kiln.json"
 FORMAT = 1
@@ -205,6 +207,8 @@ def load(path: str | Path, *, device: str = "cpu", variant: str | None = None, t
     except Skip as e:
         raise KilnError(f"cannot load {entry['variant']} on {device}: {e}",
                         hint="pick another device, or another variant with variant=...") from None
+    if Recipe.parse(entry["variant"].split("/", 1)[1]).has("trim"):
+        runner = trim.wrap(runner)
     runner.variant = entry["variant"]
     runner.as_dict = manifest.get("output_structure") == "dict"
     runner.info.update(model=manifest["name"], version=manifest["version"])

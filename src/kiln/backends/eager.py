@@ -25,6 +25,7 @@ from kiln.spec import TensorSpec
 from kiln.transforms import apply
 
 NAME = "eager"
+TRIM = True  # runs any sequence length: +trim variants (kiln.transforms.trim) apply
 RANK = 10
 
 

@@ -28,6 +28,7 @@ from kiln.spec import TensorSpec
 from kiln.transforms import apply
 
 NAME = "onnxruntime"
+TRIM = True  # runs any sequence length: +trim variants (kiln.transforms.trim) apply
 RANK = 40
 FILE = "model.onnx"
 # Beyond this the protobuf limit (2 GiB) is near: keep weights in an external data file.

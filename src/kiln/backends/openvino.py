@@ -27,6 +27,7 @@ from kiln.spec import TensorSpec
 
 NAME = "openvino"
 DEFAULT = False  # an optional runtime: --backends all (or naming it) adds it
+TRIM = True  # runs any sequence length: +trim variants (kiln.transforms.trim) apply
 RANK = 45
 COST = 3.0
 HALF_PROBE = False  # its bf16 runs its own kernels: eager's bf16 probe says nothing about it
