@@ -142,20 +142,24 @@ def runtimes(work: Path, tvm_trials: int) -> list[dict[str, Any]]:
             rows.append({"model": model, "backend": backend, "variant": best, "batch": batch, "p50_ms": mine[best],
                          "vs_eager": eager / mine[best] if eager else None, "vs_ort_fp32": ort / mine[best] if ort else None,
                          "cosine": min((a.get("cosine", 1.0) for a in acc), default=None),
-                         "top1": min((a["top1_agreement"] for a in acc if "top1_agreement" in a), default=None)})
+                         "top1": min((a["top1_agreement"] for a in acc if "top1_agreement" in a), default=None),
+                         "accuracy_delta": next((a["accuracy"] - a["reference_accuracy"] for a in acc
+                                                 if a.get("accuracy") is not None), None)})
     return rows
 
 
 def print_runtimes(rows: list[dict[str, Any]]) -> None:
     print("\nEvery CPU runtime's fastest accepted variant (build timings, p50)")
-    print(f"{'model':8} {'runtime':12} {'variant':34} {'ms':>8} {'vs eager':>9} {'vs ORT fp32':>12} {'cosine':>8} {'top-1':>7}")
+    print(f"{'model':8} {'runtime':12} {'variant':34} {'ms':>8} {'vs eager':>9} {'vs ORT fp32':>12} {'cosine':>8} {'top-1':>7} "
+          f"{'acc delta':>9}")
     for r in rows:
         if r["variant"] is None:
             print(f"{r['model']:8} {r['backend']:12} {'-':34} {r['reason'][:70]}")
             continue
         fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
         print(f"{r['model']:8} {r['backend']:12} {r['variant']:34} {r['p50_ms']:>8.3f} {fmt(r['vs_eager'], '.2f'):>8}x "
-              f"{fmt(r['vs_ort_fp32'], '.2f'):>11}x {fmt(r['cosine'], '.5f'):>8} {fmt(r['top1'], '.2%'):>7}")
+              f"{fmt(r['vs_ort_fp32'], '.2f'):>11}x {fmt(r['cosine'], '.5f'):>8} {fmt(r['top1'], '.2%'):>7} "
+              f"{fmt(r['accuracy_delta'], '+.2%'):>9}")
 
 
 def _candidates(r: kiln.BuildResult) -> list[dict[str, Any]]:

@@ -39,6 +39,23 @@ def test_npz_equals_per_item_eager(digits_repo: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "p.npz.parts").exists()
 
 
+def test_several_devices_run_side_by_side(digits_repo: Path, tmp_path: Path) -> None:
+    """`--device cpu,cpu` (as `cuda` does with every GPU): one runner per device, each in its own thread, every item
+    written once, the same outputs as one device; a failing device stops the run with its error."""
+    from kiln.predict import devices_of
+
+    assert devices_of("cuda:0,cuda:1") == ["cuda:0", "cuda:1"] and devices_of("cpu") == ["cpu"]
+    one = predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "one.npz", batch=16, shard_size=64, progress=False)
+    two = predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "two.npz", batch=16, shard_size=64, device="cpu,cpu",
+                  workers=1, progress=False)
+    assert (one.written, two.written) == (450, 450)
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert list(a["id"]) == list(b["id"])
+    np.testing.assert_allclose(a["output"], b["output"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(kiln.KilnError, match="no device"):
+        predict(digits_repo, [DIGITS / "test.npz"], tmp_path / "x.npz", device=",", progress=False)
+
+
 def test_corrupt_npz_files_are_skipped_and_listed(digits_repo: Path, tmp_path: Path) -> None:
     """A truncated archive and one with a flipped byte inside a member (bad CRC) are listed, the rest is written."""
     x = np.load(DIGITS / "test.npz")["image"][:10]

@@ -12,8 +12,8 @@ import torch
 import kiln
 from kiln.spec import TensorSpec
 from kiln.transforms import trim
-from tests import zoo
-from tests.support import ZOO
+import zoo
+from support import ZOO
 
 SPECS = ["ids:int64[batch,seq]@0..99", "mask:int64[batch,seq]@0..1"]
 

@@ -209,7 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", required=True, help="output .npz or .parquet: one row per item with its source id")
     pd.add_argument("--batch", type=int, default=64, help="items per model call (default: 64)")
     pd.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    pd.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    pd.add_argument("--device", default="cpu", help="cpu, cuda:N, cuda (every visible GPU, one runner each) or a list "
+                    "such as cuda:0,cuda:1")
     pd.add_argument("--variant", help="variant to run (default: the selected one)")
     pd.add_argument("--shard-size", type=int, default=4096, help="items per output shard (default: 4096)")
     pd.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
@@ -530,7 +531,10 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from kiln.predict import predict
+    from kiln.predict import devices_of, predict
+
+    for device in devices_of(args.device):
+        check_serve_device(device)
 
     columns = {}
     for item in args.columns:

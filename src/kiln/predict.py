@@ -7,7 +7,9 @@ every item exactly once, in input order.
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import torch
 from kiln import repository
 from kiln.errors import KilnError
 from kiln.inputs import Inputs, Preprocess, collect
+from kiln.runner import Runner
 from kiln.shards import ShardCollector, ShardPlan, finish, plan_shards
 from kiln.spec import TensorSpec
 
@@ -128,25 +131,82 @@ def _batches(plan: ShardPlan, todo: list[int], batch: int) -> Iterator[list[int]
             yield list(range(lo, min(r.stop, lo + batch)))
 
 
+def devices_of(device: str) -> list[str]:
+    """The devices a predict run uses: `cuda` is every visible GPU (one runner each), a comma list names several
+    (`cuda:0,cuda:1`; `cpu,cpu` runs two CPU runners side by side), anything else is one device."""
+    if device == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(n)] if n > 1 else ["cuda"]
+    out = [d.strip() for d in device.split(",") if d.strip()]
+    if not out:
+        raise KilnError(f"no device in {device!r}", hint="use cpu, cuda, cuda:N or a list like cuda:0,cuda:1")
+    return out
+
+
 def _run_local(version_dir: Path, plan: ShardPlan, todo: list[int], variant: str | None, device: str, batch: int,
                workers: int, on_error: OnError, bar: _Progress) -> None:
-    runner = repository.load(version_dir, device=device, variant=variant)
+    """Batches from a DataLoader (`workers` processes read and preprocess), each run on the next free device's
+    runner: one thread per device, so several GPUs work at once (torch releases the GIL while they do)."""
+    runners = [repository.load(version_dir, device=d, variant=variant) for d in devices_of(device)]
     bar.restart()
-    cuda = device.startswith("cuda")
+    cuda = any(r.device.startswith("cuda") for r in runners)
     loader = torch.utils.data.DataLoader(_BatchDataset(plan.inputs), batch_size=None, sampler=list(_batches(plan, todo, batch)),
                                          num_workers=workers, pin_memory=cuda, collate_fn=_collate)  # type: ignore[arg-type]
     collector = ShardCollector(plan, todo)
-    for idx, arrays, errors in loader:
+    lock = threading.Lock()
+
+    def run(runner: Runner, idx: list[int], arrays: list[torch.Tensor], errors: list[tuple[int, str]]) -> None:
+        outs: list[np.ndarray] = []
+        if idx:
+            on_gpu = runner.device.startswith("cuda")
+            xs = [a.to(runner.device, non_blocking=True) if on_gpu else a for a in arrays]
+            outs = [o.numpy(force=True) for o in runner.run(xs)]
+        with lock:
+            collector.add(idx, outs, errors)
+            bar.advance(len(idx) + len(errors))
+
+    def check(idx: list[int], errors: list[tuple[int, str]]) -> None:
         if errors and on_error == "stop":
             i, err = errors[0]
             raise KilnError(f"bad input {plan.inputs.ids[i]}: {err}", hint="fix or remove it, or pass --on-error skip; "
                             "finished shards are kept, so --resume continues from here")
-        outs: list[np.ndarray] = []
-        if idx:
-            xs = [a.to(device, non_blocking=True) if cuda else a for a in arrays]
-            outs = [o.numpy(force=True) for o in runner.run(xs)]
-        collector.add(idx, outs, errors)
-        bar.advance(len(idx) + len(errors))
+
+    if len(runners) == 1:
+        for idx, arrays, errors in loader:
+            check(idx, errors)
+            run(runners[0], idx, arrays, errors)
+        return
+    work: queue.Queue[Any] = queue.Queue(maxsize=2 * len(runners))
+    failures: list[BaseException] = []
+
+    def device_loop(runner: Runner) -> None:
+        while (item := work.get()) is not None:
+            if failures:
+                continue  # drain: the main thread stops feeding and reports the first failure
+            try:
+                run(runner, *item)
+            except BaseException as e:  # re-raised in the main thread
+                failures.append(e)
+
+    threads = [threading.Thread(target=device_loop, args=(r,), name=f"kiln-predict-{r.device}", daemon=True)
+               for r in runners]
+    for t in threads:
+        t.start()
+    try:
+        for idx, arrays, errors in loader:
+            check(idx, errors)
+            if failures:
+                break
+            work.put((idx, arrays, errors))
+    finally:
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join()
+    if failures:
+        raise failures[0]
 
 
 def _collate(batch: tuple[list[int], list[np.ndarray], list[tuple[int, str]]]) -> tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]:

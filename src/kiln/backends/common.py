@@ -101,9 +101,10 @@ def recipe_of(options: dict[str, Any]) -> Recipe:
 def torch_dynamic_shapes(specs: list[TensorSpec], *, auto: bool = False,
                          bounds: dict[str, int] | None = None) -> tuple[tuple[dict[int, Any], ...]]:
     """torch.export dynamic_shapes for FlatModel's `*args`; dims sharing a name share one Dim, bounded above by
-    `bounds[name]` where given (ExecuTorch plans memory for the largest shape)."""
+    `bounds[name]` where given (ExecuTorch plans memory for the largest shape), else by the spec's own limit
+    (`seq<=512`: without it, export refuses a model that indexes a position table with the dim)."""
     dims: dict[str, Any] = {}
-    top = bounds or {}
+    top = {**{n: m for s in specs for n, m in s.dim_max}, **(bounds or {})}
     out = []
     for s in specs:
         d = {}

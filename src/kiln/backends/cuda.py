@@ -132,7 +132,10 @@ class GraphBuckets:
                 self.fn(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # An explicit capture stream on this device: torch.cuda.graph's default is one stream for the whole process,
+        # made on whichever device was current first, and capturing a cuda:1 model on a cuda:0 stream fails.
+        # thread_local: another thread's work (a runner on the other GPU, a pinned copy) must not void this capture.
+        with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
             static_out = list(self.fn(static_in))
         return _Graph(graph, static_in, static_out)
 
@@ -143,10 +146,14 @@ def wrap(call: Fn, device: str, *, graphs: Sequence[int] | None = None) -> Fn:
     configure(device)
     transfer = Transfer(device)
     run: Fn = GraphBuckets(call, device, graphs) if graphs else call
+    where = _indexed(device)
 
     def fn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        on_host = any(x.device.type == "cpu" for x in xs)
-        outs = run(transfer.to_device(xs))
-        return transfer.to_host(outs) if on_host else list(outs)
+        # The current device is per thread and starts at cuda:0: a runner on cuda:1 called from a server's or
+        # predict's worker thread must make its own device current, or graph capture runs on cuda:0's stream.
+        with torch.cuda.device(where):
+            on_host = any(x.device.type == "cpu" for x in xs)
+            outs = run(transfer.to_device(xs))
+            return transfer.to_host(outs) if on_host else list(outs)
 
     return fn

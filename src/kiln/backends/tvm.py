@@ -1,7 +1,8 @@
 """Apache TVM: torch.export -> Relax (`from_exported_program`) -> a compiled library (model.so) run by the Relax VM.
 
 Two builds:
-- untuned (`--tvm-trials 0`): one library with the model's dynamic dims kept symbolic, TVM's default schedules;
+- untuned (`--tvm-trials 0`): one library with the model's dynamic dims kept symbolic, TVM's default schedules
+  (where Relax cannot build the model with symbolic shapes, the same untuned build at static shapes, as below);
 - tuned (`--tvm-trials N`, 32 by default): MetaSchedule searches schedules under a budget of N trials in all; its
   tuning records need static shapes, so there is one library per build batch size (a "bucket"), every other
   dynamic dim fixed at its --dim-size. A call runs in the smallest bucket that holds its batch (padded), and a
@@ -51,8 +52,10 @@ def _tvm() -> Any:
         with quiet("tvm"):
             import tvm
             from tvm import relax  # noqa: F401
-    except ImportError:
-        raise Skip("apache-tvm is not installed (pip install 'kiln[tvm]')") from None
+    except ImportError as e:
+        if getattr(e, "name", None) == "tvm":
+            raise Skip("apache-tvm is not installed (pip install 'kiln[tvm]')") from None
+        raise Skip(f"apache-tvm is installed but does not import here: {first_line(e)}") from None
     return tvm
 
 
@@ -97,29 +100,49 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
     dim_sizes = options.get("dim_sizes") or {}
     batch = batch_dim(subject.inputs)
     t0 = time.perf_counter()
+    other = {n for s in subject.inputs for n in s.dynamic_dims.values() if n != batch}
+    missing = sorted(n for n in other if n not in dim_sizes)
+
+    def static(tune: bool) -> tuple[list[dict[str, Any]], str, list[np.ndarray]]:
+        """One library per build batch size, every other dim fixed at its --dim-size; tuned when `tune`."""
+        libs: list[dict[str, Any]] = []
+        params: list[np.ndarray] = []
+        tuned = "untuned, static shapes"
+        per = max(1, trials // max(1, len(batch_sizes)))
+        for b in batch_sizes if batch else [None]:
+            mod, params = _relax(flat, _static_examples(subject.inputs, b, batch, dim_sizes), None)
+            if tune:
+                mod, tuned = _tune(mod, target, per, directory / TUNING / f"b{b or 0}", subject)
+            else:
+                with target:
+                    mod = relax.get_pipeline("zero")(mod)
+            name = f"model.b{b}.so" if b else "model.so"
+            tvm.compile(mod, target=target).export_library(str(directory / name))
+            libs.append({"file": name, "batch": b})
+        return libs, tuned, params
+
     try:
         with quiet("tvm"):
             if trials <= 0:
-                mod, params = _relax(flat, tuple(subject.examples), torch_dynamic_shapes(subject.inputs))
-                with target:
-                    mod = relax.get_pipeline("zero")(mod)
-                tvm.compile(mod, target=target).export_library(str(directory / "model.so"))
-                libs = [{"file": "model.so", "batch": None}]
-                tuned = "untuned"
+                try:
+                    mod, params = _relax(flat, tuple(subject.examples), torch_dynamic_shapes(subject.inputs))
+                    with target:
+                        mod = relax.get_pipeline("zero")(mod)
+                    tvm.compile(mod, target=target).export_library(str(directory / "model.so"))
+                    libs, tuned = [{"file": "model.so", "batch": None}], "untuned"
+                except Exception as e:
+                    if missing:
+                        raise
+                    # Relax's frontend handles fewer ops with symbolic shapes than with static ones (HF BERT's
+                    # attention, for one): the same untuned build at the build's shapes, one library per batch size.
+                    subject.notes.append(f"tvm: the dynamic-shape build failed ({type(e).__name__}: {first_line(e)[:120]}); "
+                                         "built at static shapes instead")
+                    libs, tuned, params = static(tune=False)
             else:
-                other = {n for s in subject.inputs for n in s.dynamic_dims.values() if n != batch}
-                missing = sorted(n for n in other if n not in dim_sizes)
                 if missing:
                     raise Skip(f"tuned TVM builds at static shapes: give --dim-size for {', '.join(missing)} "
                                "(or --tvm-trials 0 for an untuned build with dynamic dims)")
-                libs, tuned = [], ""
-                per = max(1, trials // max(1, len(batch_sizes)))
-                for b in batch_sizes if batch else [None]:
-                    mod, params = _relax(flat, _static_examples(subject.inputs, b, batch, dim_sizes), None)
-                    mod, tuned = _tune(mod, target, per, directory / TUNING / f"b{b or 0}", subject)
-                    name = f"model.b{b}.so" if b else "model.so"
-                    tvm.compile(mod, target=target).export_library(str(directory / name))
-                    libs.append({"file": name, "batch": b})
+                libs, tuned, params = static(tune=True)
     except (Skip, KilnError):
         raise
     except Exception as e:

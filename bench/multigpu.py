@@ -1,0 +1,199 @@
+"""Several GPUs: ResNet-50 on one GPU against two, for the model alone, `kiln predict` and `kiln serve`.
+
+    python3 bench/multigpu.py --out results.json      # a machine with two GPUs (nvidia-h200-x2 here)
+
+One build (`kiln.build(device="cuda:0")`, variant eager/fp16+bnfold+channels_last+cudagraphs, buckets up to 256:
+it builds in seconds, where the compile variant recompiles per device at load), then three measurements, each
+with one GPU and with two, in the same run:
+
+1. the model alone: the runner on each GPU in its own thread, batch 256 from device-resident inputs, img/s (the
+   ceiling: what the GPUs give when nothing else is in the way);
+2. `kiln predict` over .npy files of images (--device cuda:0, then cuda:0,cuda:1), batch 256, DataLoader workers,
+   img/s including reading, pinned copies, writing;
+3. `kiln serve --device cuda:0 [--device cuda:1]`, binary KServe v2 requests of one image and of 16 images from
+   several load-generator processes on the same machine, req/s and img/s, with the server's CPU seconds.
+
+Target (issue): two GPUs >= 1.8x one GPU for binary requests at high concurrency. Where the front end is the
+bottleneck, the model-alone row shows what the GPUs could do and the server's CPU use shows where the time went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+import kiln  # noqa: E402
+from kiln.predict import predict  # noqa: E402
+
+VARIANT = "eager/fp16+bnfold+channels_last+cudagraphs"
+
+
+def build(work: Path) -> Path:
+    from gpu_models import resnet50
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    save_model(resnet50().eval(), str(work / "r50.safetensors"))
+    r = kiln.build(f"{ROOT}/bench/gpu_models.py:resnet50", weights=work / "r50.safetensors", name="resnet50",
+                   inputs=["image:float32[batch,3,224,224]"], repo=work / "models", device="cuda:0", batch=(1, 256),
+                   variants=["eager/fp32", VARIANT], report=False)
+    assert r.path is not None and r.candidate(VARIANT).status == "accepted", r.candidate(VARIANT).reason
+    return r.path
+
+
+def model_alone(path: Path, devices: list[str], seconds: float = 5.0) -> float:
+    """img/s with one runner per device, each fed batch 256 from its own device in its own thread."""
+    runners = [kiln.load(path, device=d, variant=VARIANT) for d in devices]
+    xs = [torch.randn(256, 3, 224, 224, device=d) for d in devices]
+    for r, x in zip(runners, xs):
+        for _ in range(3):
+            r.run([x])
+        torch.cuda.synchronize(x.device)
+    counts = [0] * len(devices)
+    stop = time.perf_counter() + seconds
+
+    def loop(k: int) -> None:
+        while time.perf_counter() < stop:
+            runners[k].run([xs[k]])
+            torch.cuda.synchronize(xs[k].device)
+            counts[k] += 256
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(devices))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def predict_rate(path: Path, files: list[Path], out: Path, device: str, workers: int) -> float:
+    s = predict(path, files, out, batch=256, workers=workers, device=device, shard_size=8192, progress=False)
+    assert s.written == s.items, s
+    return s.items / s.elapsed_s
+
+
+def _load(args: tuple[int, bytes, int, int, int]) -> tuple[float, int, int]:
+    port, req, total, conc, images = args
+    from serve import drive
+
+    elapsed, lat, errors = drive(port, [req], total, conc)
+    return elapsed, len(lat), errors
+
+
+def serve_rate(path: Path, devices: list[str], images: int, procs: int, conc: int, total: int) -> dict[str, Any]:
+    from serve import cpu_seconds, free_port, request_bytes
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "kiln", "serve", str(path.parent.parent), "--port", str(port), "--models", "resnet50",
+           "--max-batch-size", "256", "--max-delay-ms", "2", "--max-body-mb", "256"]
+    for d in devices:
+        cmd += ["--device", d]
+    log = path.parent.parent.parent / f"serve-{len(devices)}.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status == 200:
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"kiln serve did not start: {cmd}\n{log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        x = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
+        req = request_bytes("/v2/models/resnet50/infer", x, True)
+        with mp.get_context("spawn").Pool(procs) as pool:
+            pool.map(_load, [(port, req, 20, 2, images)] * procs)  # warm every bucket path once
+            cpu0 = cpu_seconds(proc.pid)
+            t0 = time.perf_counter()
+            res = pool.map(_load, [(port, req, total // procs, conc, images)] * procs)
+            wall = time.perf_counter() - t0
+            cpu = cpu_seconds(proc.pid) - cpu0
+        done = sum(n for _, n, _ in res)
+        return {"devices": devices, "images_per_request": images, "clients": procs * conc, "requests": done,
+                "errors": sum(e for _, _, e in res), "req_per_s": done / wall, "img_per_s": done * images / wall,
+                "server_cpu_cores": cpu / wall}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--items", type=int, default=16384, help="images for kiln predict (default: 16384)")
+    p.add_argument("--workers", type=int, default=8, help="predict's DataLoader workers (default: 8)")
+    args = p.parse_args()
+    n = torch.cuda.device_count()
+    if n < 2:
+        print(f"this machine has {n} GPU(s); the benchmark needs two", file=sys.stderr)
+        return 2
+    one, two = ["cuda:0"], ["cuda:0", "cuda:1"]
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-multigpu-"))
+    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "gpus": n, "variant": VARIANT}
+    t0 = time.perf_counter()
+    path = build(work)
+    results["build_s"] = time.perf_counter() - t0
+
+    def save() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+
+    results["alone"] = {"1": model_alone(path, one), "2": model_alone(path, two)}
+    save()
+    print(f"model alone: {results['alone']}", file=sys.stderr, flush=True)
+    per = 4096
+    x = np.random.default_rng(1).standard_normal((per, 3, 224, 224)).astype(np.float32)
+    files = []
+    for k in range(max(1, args.items // per)):
+        f = work / f"images{k}.npy"  # memory-mapped by kiln predict, as a large offline job's arrays would be
+        np.save(f, x)
+        files.append(f)
+    del x
+    results["predict"] = {str(len(d)): predict_rate(path, files, work / f"p{len(d)}.npz", ",".join(d), args.workers)
+                          for d in (one, two)}
+    save()
+    print(f"predict: {results['predict']}", file=sys.stderr, flush=True)
+    results["serve"] = []
+    for images, procs, conc, total in ((1, 4, 32, 16000), (16, 4, 8, 3200)):
+        for d in (one, two):
+            results["serve"].append(serve_rate(path, d, images, procs, conc, total))
+            save()
+            print(f"serve: {results['serve'][-1]}", file=sys.stderr, flush=True)
+
+    print(f"\nResNet-50, {VARIANT}, on {results['gpu']} (one GPU vs two)")
+    print(f"{'measurement':44} {'1 GPU':>10} {'2 GPUs':>10} {'2 / 1':>7}")
+    a = results["alone"]
+    print(f"{'model alone, batch 256, img/s':44} {a['1']:>10,.0f} {a['2']:>10,.0f} {a['2'] / a['1']:>6.2f}x")
+    q = results["predict"]
+    print(f"{'kiln predict, .npy, batch 256, img/s':44} {q['1']:>10,.0f} {q['2']:>10,.0f} {q['2'] / q['1']:>6.2f}x")
+    for k in range(0, len(results["serve"]), 2):
+        s1, s2 = results["serve"][k], results["serve"][k + 1]
+        label = f"serve, {s1['images_per_request']} img/request, c={s1['clients']}, img/s"
+        print(f"{label:44} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
+              f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, errors "
+              f"{s1['errors']}/{s2['errors']})")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
