@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import kiln
+import zoo
 from kiln.spec import TensorSpec
 from kiln.transforms import trim
-import zoo
 from support import ZOO
 
 SPECS = ["ids:int64[batch,seq]@0..99", "mask:int64[batch,seq]@0..1"]
