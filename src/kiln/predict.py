@@ -135,8 +135,6 @@ def devices_of(device: str) -> list[str]:
     """The devices a predict run uses: `cuda` is every visible GPU (one runner each), a comma list names several
     (`cuda:0,cuda:1`; `cpu,cpu` runs two CPU runners side by side), anything else is one device."""
     if device == "cuda":
-        import torch
-
         n = torch.cuda.device_count()
         return [f"cuda:{i}" for i in range(n)] if n > 1 else ["cuda"]
     out = [d.strip() for d in device.split(",") if d.strip()]
