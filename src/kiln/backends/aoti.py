@@ -15,11 +15,11 @@ from kiln.backends.common import (
     Target,
     check_device,
     data_dependent,
+    exportable_module,
     first_line,
     flatten_outputs,
     module_runner,
     recipe_of,
-    require_module,
     torch_dynamic_shapes,
 )
 from kiln.errors import KilnError, Skip
@@ -42,9 +42,7 @@ def variants(t: Target) -> list[Recipe]:
 
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
-    module = require_module(subject, NAME)
-    if isinstance(module, torch.jit.ScriptModule):
-        raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
+    module = exportable_module(subject, NAME)
     check_device(subject.device)
     recipe = recipe_of(options)
     if recipe.has("cudagraphs"):

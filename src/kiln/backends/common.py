@@ -92,6 +92,14 @@ def require_module(subject: Subject, backend: str) -> nn.Module:
     return subject.module
 
 
+def exportable_module(subject: Subject, backend: str) -> nn.Module:
+    """The Python model for a backend that goes through torch.export (AOTInductor, ExecuTorch, TVM)."""
+    module = require_module(subject, backend)
+    if isinstance(module, torch.jit.ScriptModule):
+        raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
+    return module
+
+
 def recipe_of(options: dict[str, Any]) -> Recipe:
     """The variant's recipe from export options (fp32, no passes, when none is given)."""
     recipe: Recipe = options.get("recipe") or Recipe()

@@ -23,11 +23,11 @@ from kiln.backends.common import (
     Target,
     cpu_only,
     data_dependent,
+    exportable_module,
     first_line,
     flatten_outputs,
     quiet,
     recipe_of,
-    require_module,
     torch_dynamic_shapes,
 )
 from kiln.data import batch_dim
@@ -82,9 +82,7 @@ def bounds(inputs: list[TensorSpec], batch_sizes: list[int], dim_sizes: dict[str
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
     cpu_only(subject.device, "ExecuTorch programs (XNNPACK)")
-    module = require_module(subject, NAME)
-    if isinstance(module, torch.jit.ScriptModule):
-        raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
+    module = exportable_module(subject, NAME)
     recipe = recipe_of(options)
     if recipe.precision not in ("fp32", "int8-static") or recipe.has("channels_last") or recipe.has("cudagraphs"):
         raise Skip(f"kiln builds ExecuTorch programs in fp32 and int8, not {recipe.tag}")

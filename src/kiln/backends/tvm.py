@@ -28,7 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.backends.common import Subject, Target, cpu_only, first_line, quiet, recipe_of, require_module, torch_dynamic_shapes
+from kiln.backends.common import (
+    Subject,
+    Target,
+    cpu_only,
+    exportable_module,
+    first_line,
+    quiet,
+    recipe_of,
+    torch_dynamic_shapes,
+)
 from kiln.data import batch_dim
 from kiln.errors import KilnError, Skip
 from kiln.recipe import Recipe
@@ -84,9 +93,7 @@ def _relax(flat: torch.nn.Module, examples: tuple[torch.Tensor, ...], shapes: An
 
 def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dict[str, Any]:
     cpu_only(subject.device, "TVM libraries (llvm)")
-    module = require_module(subject, NAME)
-    if isinstance(module, torch.jit.ScriptModule):
-        raise Skip("torch.export cannot export a TorchScript module; give the Python source instead")
+    module = exportable_module(subject, NAME)
     recipe = recipe_of(options)
     if recipe.tag != "fp32":
         raise Skip(f"kiln builds TVM variants in fp32 only, not {recipe.tag}")
