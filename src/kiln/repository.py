@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -184,9 +185,11 @@ def verify_artifact(version_dir: Path, entry: dict[str, Any]) -> Path:
     return directory
 
 
-def load(path: str | Path, *, device: str = "cpu", variant: str | None = None, threads: int | None = None) -> Runner:
+def load(path: str | Path, *, device: str = "cpu", variant: str | None = None, threads: int | None = None,
+         spin: bool = True) -> Runner:
     """Load the selected (or named) variant of a built model, after checking its integrity.
     `threads` sets the intra-op threads of runtimes that own a thread pool (ONNX Runtime); torch's are per process.
+    `spin=False` lets that pool's idle threads sleep rather than busy-wait (a server's front end needs the CPU).
 
     >>> runner = kiln.load("models/digits", device="cpu")
     """
@@ -203,7 +206,8 @@ def load(path: str | Path, *, device: str = "cpu", variant: str | None = None, t
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
     try:
-        runner: Runner = backend.load(directory, meta, inputs, outputs, device=device, threads=threads)
+        extra = {} if spin or "spin" not in inspect.signature(backend.load).parameters else {"spin": False}
+        runner: Runner = backend.load(directory, meta, inputs, outputs, device=device, threads=threads, **extra)
     except Skip as e:
         raise KilnError(f"cannot load {entry['variant']} on {device}: {e}",
                         hint="pick another device, or another variant with variant=...") from None

@@ -309,3 +309,22 @@ def test_model_that_cannot_load_is_reported(serve_repo: Path) -> None:
             assert httpx.get(f"{s.url}/v2/models/two").status_code == 404
     finally:
         (serve_repo / "two" / "config.toml").unlink()
+
+
+def test_served_runtimes_do_not_spin_unless_asked(serve_repo: Path) -> None:
+    """A served ONNX Runtime session's idle threads sleep (its spinning pool took the event loop's CPU); kiln.load
+    keeps onnxruntime's default, and spin = true in config.toml restores it for the server."""
+    import asyncio
+
+    assert kiln.load(serve_repo / "digits", variant="onnxruntime/fp32").info["spin"] is True
+
+    async def served(spin: bool | None) -> bool:
+        plane = DataPlane(serve_repo, only=["digits"], overrides={"variant": "onnxruntime/fp32", "spin": spin})
+        m = await plane.load("digits")
+        try:
+            return bool(m.runners[0].info["spin"])
+        finally:
+            await plane.stop()
+
+    assert asyncio.run(served(None)) is False
+    assert asyncio.run(served(True)) is True

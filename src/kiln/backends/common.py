@@ -5,7 +5,8 @@ A backend is one module under `kiln/backends/` (or a `kiln.backends` entry point
 - `NAME` and `RANK` (its place in the variants table),
 - `variants(target: Target) -> list[Recipe]`: what it can build for this model, device and precision,
 - `export(subject: Subject, directory: Path, *, options: dict) -> dict` (the artifact's meta),
-- `load(directory: Path, meta: dict, inputs, outputs, *, device: str, threads: int | None) -> Runner`,
+- `load(directory: Path, meta: dict, inputs, outputs, *, device: str, threads: int | None) -> Runner`; a backend
+  whose runtime owns a busy-waiting thread pool also takes `spin: bool` (False: idle threads sleep, for servers),
 - optionally `compatible(meta) -> str | None` (why an artifact cannot load with the libraries here).
 """
 

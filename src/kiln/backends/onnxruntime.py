@@ -139,7 +139,9 @@ def name_outputs(graph: Any, names: list[str]) -> None:
         taken[want] = value
 
 
-def session(path: Path, *, device: str = "cpu", threads: int = 0, profile_prefix: str | None = None) -> Any:
+def session(path: Path, *, device: str = "cpu", threads: int = 0, spin: bool = True, profile_prefix: str | None = None) -> Any:
+    """An InferenceSession. `spin=False` lets idle intra-op threads sleep instead of busy-waiting for the next
+    operator: what a server wants, whose event loop needs the CPU that a spinning pool burns."""
     ort = _ort()
     opts = ort.SessionOptions()
     if profile_prefix is not None:
@@ -147,6 +149,8 @@ def session(path: Path, *, device: str = "cpu", threads: int = 0, profile_prefix
         opts.profile_file_prefix = profile_prefix
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -180,9 +184,9 @@ def signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec],
-         *, device: str = "cpu", threads: int | None = None) -> Runner:
+         *, device: str = "cpu", threads: int | None = None, spin: bool = True) -> Runner:
     check_device(device)
-    sess = session(directory / meta["file"], device=device, threads=threads or 0)
+    sess = session(directory / meta["file"], device=device, threads=threads or 0, spin=spin)
     in_names = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in outputs]
     if sorted(in_names) != sorted(s.name for s in inputs):
@@ -192,4 +196,9 @@ def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], output
         feeds = {s.name: x.numpy(force=True) for s, x in zip(inputs, xs)}
         return [torch.from_numpy(np.asarray(o)) for o in sess.run(out_names, feeds)]
 
-    return Runner(f"{NAME}/{meta.get('recipe', meta.get('precision', 'fp32'))}", inputs, outputs, fn, device, {"providers": sess.get_providers()})
+    try:  # read back from the session: what the runtime was actually told
+        spinning = sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # absent: onnxruntime's default, spinning
+        spinning = True
+    return Runner(f"{NAME}/{meta.get('recipe', meta.get('precision', 'fp32'))}", inputs, outputs, fn, device,
+                  {"providers": sess.get_providers(), "spin": spinning})

@@ -77,7 +77,8 @@ class ServedModel:
         """Blocking: load and warm every runner (called in a worker thread so the loop keeps serving)."""
         for device in self.config.devices:
             for _ in range(self.config.instances):
-                runner = repository.load(self.version_dir, device=device, variant=self.variant)
+                runner = repository.load(self.version_dir, device=device, variant=self.variant,
+                                         spin=self.config.spin)
                 self._warm(runner)
                 self.runners.append(runner)
 
