@@ -2,16 +2,29 @@
 
     python3 bench/gpu_levers.py --lever mask     # dropping the all-ones attention mask (SDPA's flash kernel)
     python3 bench/gpu_levers.py --lever fp8      # torchao float8 Linear layers (H100/H200; carry a torchao wheel)
+    python3 bench/gpu_levers.py --lever packed   # padding-free BERT: one fused QKV GEMM, varlen flash attention
+    python3 bench/gpu_levers.py --lever autotune # max-autotune for the GEMMs only, cached (first and second compile)
+    python3 bench/gpu_levers.py --lever profile  # where the bf16 variant's time goes, kernel by kernel
+    python3 bench/gpu_levers.py --lever gelu     # the FFN's GELU in the GEMM's epilogue (cuBLASLt, tanh GELU)
 
 Each row is BERT-base in bf16 under torch.compile(mode="reduce-overhead"), as kiln's compile/bf16+cudagraphs
 variant runs it: seq/s (median of 20 timed rounds of 10 calls), the attention kernels the profiler saw (mask
 lever), and the row cosine of the last hidden state against the fp32 eager model (worst token).
+
+The packed lever runs BERT's layers on the [tokens, hidden] matrix of real tokens only (no padding rows), with
+Q, K and V as one GEMM and `torch.nn.attention.varlen.varlen_attn` (flash) per sequence. It is timed on the
+target's batch (64 x 128, every token real) and on a realistic batch: 64 sentences with lengths drawn from a
+log-normal (median 40 tokens, clipped to 8..128), against the padded model (mask, 128 columns) and the padded
+model cut to the batch's longest sentence (what kiln's +trim does).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import itertools
+import math
 import statistics
 import sys
 import time
@@ -43,8 +56,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lever", choices=("mask", "fp8", "all"), default="all")
+    p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile")
     args = p.parse_args()
+    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu"} if args.lever == "all" else set(args.lever.split(","))
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -72,9 +86,9 @@ def main() -> int:
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
 
     run("bf16, all-ones mask", bf16, ones)
-    if args.lever in ("mask", "all"):
+    if "mask" in levers:
         run("bf16, mask dropped (None)", bf16, None)
-    if args.lever in ("fp8", "all"):
+    if "fp8" in levers:
         try:
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
         except ImportError as e:
@@ -84,12 +98,198 @@ def main() -> int:
                 m = copy.deepcopy(bf16)
                 quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=gran))
                 run(f"fp8 {name} (torchao), all-ones mask", m, ones)
+    if "gelu" in levers:
+        m = copy.deepcopy(bf16)
+        for layer in m.encoder.layer:
+            layer.intermediate.forward = functools.partial(_linear_gelu_of, layer.intermediate.dense)
+        run("bf16, GELU in the GEMM epilogue", m, ones)
+    if "packed" in levers:
+        rows += packed_rows(fp32, bf16, ids, ref)
+    if "autotune" in levers:
+        rows += autotune_rows(bf16, ids, ones, ref)
+    if "profile" in levers:
+        profile_table(bf16, ids, ones)
     print(f"\nBERT-base, batch 64, seq 128, torch.compile reduce-overhead, {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     base = rows[0][1]
     print(f"{'variant':40} {'seq/s':>9} {'vs bf16':>8} {'cosine':>9}  attention kernels")
     for label, rate, cos, kernels in rows:
         print(f"{label:40} {rate:>9,.0f} {rate / base:>7.2f}x {cos:>9.5f}  {kernels}")
     return 0
+
+
+@torch.library.custom_op("kilnbench::linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GELU(x @ w.T + b) as one cuBLASLt call (its GELU epilogue is the tanh approximation). A custom op, so that
+    inductor keeps it whole instead of splitting off the GELU into a kernel of its own."""
+    y = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+@linear_gelu.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _linear_gelu_of(dense: torch.nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    return linear_gelu(hidden_states, dense.weight, dense.bias)
+
+
+class PackedBert(torch.nn.Module):
+    """BERT-base's encoder over real tokens only: x is [tokens, hidden], sequences delimited by `cu` (cumulative
+    lengths, int32, N+1). Q, K and V are one GEMM (their weights concatenated); attention is varlen flash."""
+
+    def __init__(self, bert: Any) -> None:
+        super().__init__()
+        self.emb = bert.embeddings
+        self.layers = torch.nn.ModuleList()
+        for layer in bert.encoder.layer:
+            a = layer.attention.self
+            qkv = torch.nn.Linear(a.query.in_features, 3 * a.query.out_features, dtype=a.query.weight.dtype,
+                                  device=a.query.weight.device)
+            with torch.no_grad():
+                qkv.weight.copy_(torch.cat([a.query.weight, a.key.weight, a.value.weight]))
+                qkv.bias.copy_(torch.cat([a.query.bias, a.key.bias, a.value.bias]))
+            self.layers.append(torch.nn.ModuleDict({"qkv": qkv, "attn_out": layer.attention.output.dense,
+                                                    "ln1": layer.attention.output.LayerNorm,
+                                                    "up": layer.intermediate.dense, "down": layer.output.dense,
+                                                    "ln2": layer.output.LayerNorm}))
+        self.heads = bert.config.num_attention_heads
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        from torch.nn.attention.varlen import varlen_attn
+
+        e = self.emb
+        x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0]
+        x = e.LayerNorm(x)
+        t, hidden = x.shape
+        for m in self.layers:
+            q, k, v = m["qkv"](x).view(t, 3, self.heads, hidden // self.heads).unbind(1)
+            o = varlen_attn(q, k, v, cu, cu, max_len, max_len).reshape(t, hidden)
+            x = m["ln1"](m["attn_out"](o) + x)
+            x = m["ln2"](m["down"](torch.nn.functional.gelu(m["up"](x))) + x)
+        return x
+
+
+def packed_inputs(lengths: list[int], device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor, int]:
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths])
+    return cu, pos, max(lengths)
+
+
+def packed_rows(fp32: Any, bf16: Any, ids: torch.Tensor, ref: torch.Tensor) -> list[tuple[str, float, float, str]]:
+    """The target batch (every token real) and a realistic one, padded vs trimmed vs packed."""
+    rows = []
+    model = PackedBert(copy.deepcopy(bf16)).eval()
+    torch._dynamo.reset()
+    f: Any = torch.compile(model, mode="reduce-overhead")
+    cu, pos, top = packed_inputs([128] * 64)
+    flat = ids.flatten()
+    how = "varlen flash, compiled"
+    with torch.inference_mode():
+        try:
+            out = f(flat, pos, cu, top).clone().view(64, 128, -1)
+        except Exception as e:  # measured eager then, and said so
+            print(f"packed: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); timing it eager", file=sys.stderr)
+            f, how = model, "varlen flash, eager (compile failed)"
+            out = f(flat, pos, cu, top).clone().view(64, 128, -1)
+        call = lambda: f(flat, pos, cu, top)  # noqa: E731
+        s = timed(call)
+    rows.append(("packed+fused QKV, 64 x 128 (all real)", 64 / s, cosine(out, ref), how))
+    print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = [int(min(128, max(8, round(float(torch.empty(1).log_normal_(math.log(40), 0.5, generator=gen)))))) for _ in range(64)]
+    longest = max(lengths)
+    mask = torch.zeros(64, 128, dtype=torch.int64, device="cuda")
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    with torch.inference_mode():
+        real_ref = fp32(input_ids=ids, attention_mask=mask).last_hidden_state
+    note = f"lengths median {statistics.median(lengths):.0f}, max {longest}, {sum(lengths)} of {64 * 128} tokens real"
+
+    def real_cosine(out_rows: list[torch.Tensor]) -> float:
+        return min(cosine(o[None, :n], real_ref[i:i + 1, :n]) for i, (o, n) in enumerate(zip(out_rows, lengths)))
+
+    for label, width in (("padded to 128 (mask), realistic lengths", 128), ("trimmed to the longest, realistic lengths", longest)):
+        torch._dynamo.reset()
+        g = torch.compile(bf16, mode="reduce-overhead")
+        i2, m2 = ids[:, :width].contiguous(), mask[:, :width].contiguous()
+        with torch.inference_mode():
+            call = lambda g=g, i2=i2, m2=m2: g(input_ids=i2, attention_mask=m2).last_hidden_state  # noqa: E731
+            out = call().clone()
+            s = timed(call)
+        rows.append((label, 64 / s, real_cosine(list(out)), note))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    cu, pos, top = packed_inputs(lengths)
+    flat = torch.cat([ids[i, :n] for i, n in enumerate(lengths)])
+    torch._dynamo.reset()
+    if how.endswith("compiled"):
+        f = torch.compile(model, mode="reduce-overhead")
+    with torch.inference_mode():
+        call = lambda: f(flat, pos, cu, top)  # noqa: E731
+        out = call().clone()
+        s = timed(call)
+    pieces = list(out.split(lengths))
+    rows.append(("packed+fused QKV, realistic lengths", 64 / s, real_cosine(pieces), f"{note}; {how}"))
+    print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def autotune_rows(bf16: Any, ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor) -> list[tuple[str, float, float, str]]:
+    """max-autotune for the GEMMs only (not pointwise or reductions), CUDA graphs on; the second compile of the same
+    model reads the autotuning results and the FX graph from the cache (TORCHINDUCTOR_CACHE_DIR)."""
+    rows = []
+    options: dict[str, Any] = {"max_autotune_gemm": True, "max_autotune_pointwise": False, "triton.cudagraphs": True,
+               "max_autotune_gemm_backends": "ATEN,TRITON"}
+    for attempt in ("first compile", "second compile (cached)"):
+        torch._dynamo.reset()
+        g = torch.compile(bf16, options=options)
+        with torch.inference_mode():
+            call = lambda g=g: g(input_ids=ids, attention_mask=ones).last_hidden_state  # noqa: E731
+            t0 = time.perf_counter()
+            out = call().clone()
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            s = timed(call)
+        rows.append((f"max-autotune GEMMs only, {attempt}", 64 / s, cosine(out, ref), f"compile {compile_s:.0f} s"))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def profile_table(bf16: Any, ids: torch.Tensor, ones: torch.Tensor) -> None:
+    """Kernel by kernel: the bf16 compile variant's CUDA time per batch, grouped, and the GEMMs' achieved TFLOP/s."""
+    torch._dynamo.reset()
+    g = torch.compile(bf16, mode="reduce-overhead")
+    with torch.inference_mode():
+        call = lambda: g(input_ids=ids, attention_mask=ones).last_hidden_state  # noqa: E731
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                call()
+            torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    top = []
+    for e in prof.key_averages():
+        us = e.device_time_total / 10  # per batch
+        if us <= 0:
+            continue
+        k = e.key.lower()
+        kind = ("GEMM" if any(w in k for w in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm_"))
+                else "attention" if any(w in k for w in ("attention", "fmha", "flash", "sdpa"))
+                else "fused pointwise/norm (triton)" if k.startswith("triton_") else "other")
+        groups[kind] = groups.get(kind, 0.0) + us
+        top.append((us, kind, e.key[:70], e.count // 10))
+    total = sum(groups.values())
+    gemm_flop = 2 * 64 * 128 * 768 * (3 * 768 + 768 + 2 * 3072) * 12
+    print(f"\nwhere one batch (64 x 128) goes, compile/bf16+cudagraphs, {torch.cuda.get_device_name(0)}: {total:,.0f} us of kernels")
+    for kind, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        extra = f"  ({gemm_flop / us / 1e6:,.0f} TFLOP/s achieved)" if kind == "GEMM" else ""
+        print(f"  {kind:32} {us:8,.0f} us {us / total:6.1%}{extra}")
+    print("  top kernels:")
+    for us, kind, key, calls in sorted(top, reverse=True)[:10]:
+        print(f"    {us:7,.0f} us  x{calls:<3} {kind:10} {key}")
 
 
 if __name__ == "__main__":

@@ -157,4 +157,32 @@ def test_recipe_names_round_trip_and_bad_passes_are_refused() -> None:
         Recipe.parse("fp32+sparkle")
     with pytest.raises(KilnError, match="unknown precision"):
         Recipe.parse("fp8")
-    assert layer_kinds(zoo.seeded(ConvNet)) == {"batchnorm": 2, "conv": 2, "linear": 2}
+    assert layer_kinds(zoo.seeded(ConvNet)) == {"batchnorm": 2, "conv": 2, "linear": 2, "gelu_ffn": 0}
+
+
+def test_epilogue_fuses_the_feed_forward_gelu_of_an_encoder() -> None:
+    """A Hugging Face BERT's intermediate layers become one linear_gelu op each, planned only for CUDA halves; the
+    fused model computes what the original does (on CPU the op is exact GELU; cuBLASLt's tanh GELU is judged by
+    the build's verification on the GPU)."""
+    transformers = pytest.importorskip("transformers", reason="the encoder extra (transformers) is not installed")
+    from kiln.backends import compile as compile_backend
+    from kiln.backends.common import Target
+    from kiln.transforms.epilogue import LinearGELU
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100)
+    bert = transformers.BertModel(config, add_pooling_layer=False).eval()
+    assert layer_kinds(bert)["gelu_ffn"] == 2
+    notes: list[str] = []
+    fused = apply(bert, Recipe("fp32", ("epilogue",)), notes)
+    assert sum(isinstance(m, LinearGELU) for m in fused.modules()) == 2 and notes == ["epilogue: 2 Linear + GELU layer(s) as one GEMM each"]
+    assert not any(isinstance(m, LinearGELU) for m in bert.modules())  # the original is untouched
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, bert(input_ids=ids).last_hidden_state)
+    gpu = [r.tag for r in compile_backend.variants(Target(device="cuda:0", halves=("fp16", "bf16"), linear=14, gelu_ffn=2))]
+    assert "bf16+epilogue+cudagraphs" in gpu and "fp16+epilogue+cudagraphs" in gpu
+    assert not any(r.has("epilogue") for r in compile_backend.variants(Target(device="cpu", halves=("bf16",), gelu_ffn=2)))
+    with pytest.raises(KilnError, match="no feed-forward Linear"):
+        apply(zoo.seeded(ConvNet), Recipe("fp32", ("epilogue",)))

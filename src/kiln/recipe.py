@@ -7,6 +7,8 @@ A variant is `backend/recipe`, e.g. `aoti/int8-static`, `eager/fp16+channels_las
 - `prune<P>`        magnitude pruning: the P% smallest weights of every Conv/Linear set to zero
 - `chprune<P>`      structured pruning: P% of the channels between two Conv/Linear layers removed
 - `channels_last`   NHWC memory format for 4-D inputs and weights
+- `epilogue`        a transformer FFN's Linear + GELU as one cuBLASLt GEMM with a GELU epilogue (CUDA, fp16/bf16;
+                    see kiln.transforms.epilogue)
 - `cudagraphs`      CUDA graphs per batch bucket (runtime option, CUDA only)
 - `max-autotune`    torch.compile mode max-autotune (runtime option, compile backend)
 - `trim`            a batch's trailing padding cut before the call (runtime option; models with a mask input
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
 RUNTIME_PASSES = ("cudagraphs", "max-autotune", "trim")
-_PASS = re.compile(r"^(bnfold|channels_last|cudagraphs|max-autotune|trim|(ch)?prune([1-9][0-9]?))$")
+_PASS = re.compile(r"^(bnfold|channels_last|epilogue|cudagraphs|max-autotune|trim|(ch)?prune([1-9][0-9]?))$")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class Target:
     batchnorm: int = 0
     conv: int = 0
     linear: int = 0
+    gelu_ffn: int = 0
     halves: tuple[str, ...] = ()
     prune: float | None = None
     transformable: bool = True
@@ -72,6 +73,11 @@ class Target:
     def fold(self) -> tuple[str, ...]:
         """The bnfold pass where the model has BatchNorm to fold."""
         return ("bnfold",) if self.batchnorm and self.transformable else ()
+
+    @property
+    def epilogue(self) -> tuple[str, ...]:
+        """The epilogue pass on CUDA where the model has feed-forward Linear + GELU layers to fuse."""
+        return ("epilogue",) if self.gelu_ffn and self.cuda and self.transformable else ()
 
     @property
     def channels_last(self) -> tuple[str, ...]:

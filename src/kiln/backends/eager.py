@@ -55,6 +55,8 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
 def check_recipe(recipe: Recipe, device: str) -> None:
     if recipe.has("cudagraphs") and not device.startswith("cuda"):
         raise Skip("CUDA graphs need a CUDA device")
+    if recipe.has("epilogue") and (not device.startswith("cuda") or recipe.precision not in ("fp16", "bf16")):
+        raise Skip("the epilogue pass is a cuBLASLt GEMM epilogue: CUDA, fp16 or bf16")
     if recipe.precision == "int8-static":
         raise Skip("static int8 on the torch side is compiled by AOTInductor (aoti/int8-static)")
 

@@ -47,6 +47,15 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
         folded = fold_batchnorm(out)
         if notes is not None:
             notes.append(f"bnfold: folded {folded} BatchNorm layer(s)")
+    if recipe.has("epilogue"):
+        from kiln.transforms.epilogue import fuse
+
+        fused = fuse(out)
+        if not fused:
+            raise KilnError("the epilogue pass found no feed-forward Linear + GELU layer to fuse",
+                            hint="it applies to Hugging Face encoder layers (BERT, RoBERTa, ...); drop +epilogue")
+        if notes is not None:
+            notes.append(f"epilogue: {fused} Linear + GELU layer(s) as one GEMM each")
     prune = recipe.prune()
     if prune is not None:
         from kiln.transforms import prune as pruning
@@ -72,8 +81,12 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
 
 def layer_kinds(module: nn.Module) -> dict[str, int]:
     """How many of each layer kind the model has: which passes are worth trying."""
-    counts = {"batchnorm": 0, "conv": 0, "linear": 0}
+    from kiln.transforms.epilogue import is_gelu_ffn
+
+    counts = {"batchnorm": 0, "conv": 0, "linear": 0, "gelu_ffn": 0}
     for m in module.modules():
+        if is_gelu_ffn(m):
+            counts["gelu_ffn"] += 1
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             counts["batchnorm"] += 1
         elif isinstance(m, nn.modules.conv._ConvNd):
