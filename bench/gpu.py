@@ -7,7 +7,9 @@ For each model, `kiln.build(device="cuda")` runs a chosen set of variants (ResNe
 channels_last with CUDA graphs, torch.compile fp16/bf16 with CUDA graphs; BERT: the same in fp16/bf16, with and without the `epilogue` pass
 (the FFN's GELU in the GEMM), plus torchao int8; TensorRT fp16 where tensorrt is installed; `--max-autotune` adds kiln's max-autotune variant), verifies each against
 fp32 eager (TF32 off) on 64 random inputs, and times it at batch 1 and at the throughput batch (256
-images, 64 sequences of 128 tokens) from device-resident inputs. In the same run, two baselines:
+images, 64 sequences of 128 tokens) from device-resident inputs; the throughput column is per call (synchronized
+after each), and "back to back" times the selected variant (loaded with kiln.load) and the hand-written compile
+with ten calls per synchronize, as a batch job runs them. In the same run, two baselines:
 eager fp32, and `torch.compile(model.half().to(memory_format=channels_last), mode="reduce-overhead")`
 as a user would write it (BERT: fp16 without channels_last); `--baseline-autotune` makes it
 mode="max-autotune" (minutes of autotuning). Compiled kernels are cached in TORCHINDUCTOR_CACHE_DIR
@@ -75,6 +77,23 @@ def _p50_ms(fn: Any, *, min_time_s: float = 1.0, warmup: int = 10) -> float:
     return statistics.median(samples) * 1e3
 
 
+def _sustained_per_s(fn: Any, batch: int, *, calls: int = 10, rounds: int = 20, warmup: int = 10) -> float:
+    """Items per second when batches run back to back, as a batch job or a busy server runs them: the median of
+    `rounds` rounds of `calls` calls with one synchronize per round, so the host's launch work overlaps the GPU's
+    (the per-call figure synchronizes after every call and so adds the host's time to each batch)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        per.append((time.perf_counter() - t0) / calls)
+    return batch / statistics.median(per)
+
+
 def _inputs(name: str, n: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if name == "resnet50":
@@ -116,6 +135,7 @@ def _row(label: str, fn: Any, small: list[torch.Tensor], large: list[torch.Tenso
     p1 = _p50_ms(lambda: fn(small))
     pb = _p50_ms(lambda: fn(large))
     return {"variant": label, "status": "baseline", "p50_ms_1": p1, "items_per_s": batch / pb * 1e3,
+            "items_per_s_sustained": _sustained_per_s(lambda: fn(large), batch),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "cosine": _cosine(fn(large).float(), ref),
             "build_s": build_s}
 
@@ -148,6 +168,14 @@ def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool 
                      "p50_ms_1": t1.p50_ms if t1 else None, "items_per_s": tb.items_per_s if tb else None,
                      "peak_gpu_mb": c.peak_gpu_mb, "cosine": min((a["cosine"] for a in c.accuracy), default=None),
                      "build_s": c.export_s + c.load_s})
+    # The selected variant back to back, loaded as `kiln serve` and `kiln predict` load it (its compile is cached).
+    runner = kiln.load(work / "models" / name, device="cuda")
+    large = [x.to("cuda") for x in _inputs(name, spec["batch"], 2)]
+    with torch.inference_mode():
+        sustained = _sustained_per_s(lambda: runner.run(large), spec["batch"])
+    for row in rows:
+        if row["variant"] == r.selected:
+            row["items_per_s_sustained"] = sustained
     res = {"model": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": spec["batch"],
            "selected": r.selected, "build_s": build_s, "rows": rows, "targets": spec["targets"], "unit": spec["unit"],
            "selection": r.manifest.get("selection")}
@@ -163,20 +191,25 @@ def table(res: dict[str, Any]) -> str:
     b = res["batch"]
     lines = [f"\n{res['model']} on {res['gpu']} (torch {res['torch']}), selected {res['selected']}",
              f"{'variant':58} {'status':9} {'p50 ms @1':>9} {res['unit'] + ' @' + str(b):>13} {'vs eager':>8} "
-             f"{'vs hand':>7} {'peak MB':>8} {'cosine':>9}"]
+             f"{'vs hand':>7} {'peak MB':>8} {'cosine':>9} {'back to back':>12}"]
     for x in res["rows"]:
         ips = x.get("items_per_s")
         lines.append(
             f"{x['variant'][:58]:58} {x['status'][:9]:9} {_f(x.get('p50_ms_1'), '.3f'):>9} {_f(ips, ',.0f'):>13} "
             f"{_f(ips / eager['items_per_s'] if ips else None, '.2f'):>7}x {_f(ips / hand['items_per_s'] if ips else None, '.2f'):>6}x "
-            f"{_f(x.get('peak_gpu_mb'), ',.0f'):>8} {_f(x.get('cosine'), '.5f'):>9}")
+            f"{_f(x.get('peak_gpu_mb'), ',.0f'):>8} {_f(x.get('cosine'), '.5f'):>9} "
+            f"{_f(x.get('items_per_s_sustained'), ',.0f'):>12}")
         if x["status"] not in ("accepted", "baseline") and x.get("reason"):
             lines.append(f"    {x['reason'][:150]}")
     kiln_rows = [x for x in res["rows"] if x["status"] == "accepted"]
     t = res["targets"]
     best_ips = max((x["items_per_s"] for x in kiln_rows if x.get("items_per_s")), default=0)
-    lines.append(f"target {t['items_per_s']:,} {res['unit']} @{b}: best kiln {best_ips:,.0f} -> "
+    lines.append(f"target {t['items_per_s']:,} {res['unit']} @{b}: best kiln {best_ips:,.0f} per call -> "
                  f"{'PASS' if best_ips >= t['items_per_s'] else 'MISS'}")
+    back = next((x.get("items_per_s_sustained") for x in kiln_rows if x["variant"] == res["selected"]), None)
+    if back:
+        lines.append(f"target {t['items_per_s']:,} {res['unit']} @{b}: selected {back:,.0f} back to back -> "
+                     f"{'PASS' if back >= t['items_per_s'] else 'MISS'}")
     if "p50_ms_1" in t:
         best = min((x["p50_ms_1"] for x in kiln_rows if x.get("p50_ms_1")), default=float("inf"))
         lines.append(f"target <= {t['p50_ms_1']} ms p50 @1: best kiln {best:.3f} ms -> {'PASS' if best <= t['p50_ms_1'] else 'MISS'}")

@@ -5,6 +5,7 @@
     python3 bench/gpu_levers.py --lever packed   # padding-free BERT: one fused QKV GEMM, varlen flash attention
     python3 bench/gpu_levers.py --lever autotune # max-autotune for the GEMMs only, cached (first and second compile)
     python3 bench/gpu_levers.py --lever profile  # where the bf16 variant's time goes, kernel by kernel
+    python3 bench/gpu_levers.py --lever dynamic  # the same compile with dynamic shapes, as kiln's variant is built
     python3 bench/gpu_levers.py --lever gelu     # the FFN's GELU in the GEMM's epilogue (cuBLASLt, tanh GELU)
 
 Each row is BERT-base in bf16 under torch.compile(mode="reduce-overhead"), as kiln's compile/bf16+cudagraphs
@@ -58,7 +59,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile")
     args = p.parse_args()
-    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu"} if args.lever == "all" else set(args.lever.split(","))
+    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic"} if args.lever == "all" else set(args.lever.split(","))
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -70,9 +71,9 @@ def main() -> int:
     bf16 = copy.deepcopy(fp32).bfloat16()
     rows: list[tuple[str, float, float, str]] = []
 
-    def run(label: str, model: torch.nn.Module, mask: torch.Tensor | None) -> None:
+    def run(label: str, model: torch.nn.Module, mask: torch.Tensor | None, dynamic: bool | None = None) -> None:
         torch._dynamo.reset()
-        f = torch.compile(model, mode="reduce-overhead")
+        f = torch.compile(model, mode="reduce-overhead", dynamic=dynamic)
         with torch.inference_mode():
             call = lambda: f(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
             out = call().clone()
@@ -98,6 +99,8 @@ def main() -> int:
                 m = copy.deepcopy(bf16)
                 quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=gran))
                 run(f"fp8 {name} (torchao), all-ones mask", m, ones)
+    if "dynamic" in levers:  # kiln compiles once for every batch size and sequence length
+        run("bf16, dynamic shapes", bf16, ones, dynamic=True)
     if "gelu" in levers:
         m = copy.deepcopy(bf16)
         for layer in m.encoder.layer:
