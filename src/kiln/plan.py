@@ -123,7 +123,7 @@ def make_target(module: nn.Module | None, *, device: str = "cpu", precision: str
                 source_kind: str = "python") -> Target:
     """What the backends are told about the model and the machine."""
     transformable = transformable and module is not None
-    kinds = layer_kinds(module) if transformable and module is not None else {"batchnorm": 0, "conv": 0, "linear": 0, "gelu_ffn": 0}
+    kinds = layer_kinds(module) if transformable and module is not None else {}  # Target's counts default to 0
     halves = tuple(p for p in ("fp16", "bf16") if (p in low_precision or precision == p) and transformable)
     return Target(device=device, source_kind=source_kind, halves=halves, prune=prune, transformable=transformable,
                   **kinds)

@@ -21,8 +21,6 @@ import torch
 from kiln.runner import Runner
 from kiln.spec import TensorSpec, is_mask_input
 
-NAME = "trim"
-
 
 @dataclass(frozen=True)
 class Trim:
