@@ -292,6 +292,8 @@ def main() -> int:
     p.add_argument("--triton-python", help="python of an environment with nvidia-pytriton: adds Triton as a peer")
     p.add_argument("--requests", type=int, default=20_000, help="requests per load at c>1 (default: 20,000)")
     p.add_argument("--out", help="write every result as JSON here")
+    p.add_argument("--workers", default="1,2", help="kiln serve --workers counts to measure, comma-separated: each is a "
+                                                    "server row, kiln-wN (default: 1,2)")
     args = p.parse_args()
     scale = 0.25 if args.quick else 1.0
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-serve-"))
@@ -320,7 +322,8 @@ def main() -> int:
                            batch=(1, cfg["max_batch_size"]))
         print(f"  {name}: selected {r.selected}", file=sys.stderr, flush=True)
         (repo / name / "config.toml").write_text("".join(f"{k} = {v}\n" for k, v in cfg.items()))
-    servers = ["baseline", "kiln", "kiln+shadow"] + (["triton"] if args.triton_python else [])
+    kilns = [("kiln" if w == "1" else f"kiln-w{w}") for w in args.workers.split(",")]
+    servers = ["baseline", *kilns, "kiln+shadow"] + (["triton"] if args.triton_python else [])
     results: list[Result] = []
     rng = np.random.default_rng(0)
     for key in chosen:
@@ -334,6 +337,8 @@ def main() -> int:
             if server.startswith("kiln"):
                 cmd = [sys.executable, "-m", "kiln", "serve", str(repo), "--port", str(port), "--models", name,
                        "--grpc-port", str(gport)] + (["--shadow-rate", "0.01"] if server == "kiln+shadow" else [])
+                if server.startswith("kiln-w"):
+                    cmd += ["--workers", server.removeprefix("kiln-w")]
                 proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
                 wait_ready(url, proc, "/v2/health/ready")
             elif server == "triton":
@@ -376,31 +381,38 @@ def print_table(results: list[Result]) -> None:
     keyed = {(r.model, r.body, r.concurrency, r.server): r for r in results}
     checks = []
 
+    kilns = sorted({r.server for r in results if r.server == "kiln" or r.server.startswith("kiln-w")})
+
     def vs(body: str, conc: int, peer: str, ratio: float, tail: bool) -> None:
-        k, t = keyed.get(("tiny", body, conc, "kiln")), keyed.get(("tiny", body, conc, peer))
-        if k and t:
-            ok = k.req_per_s >= ratio * t.req_per_s and (not tail or k.p99_ms < t.p99_ms)
-            checks.append((f"{body} c={conc}: >= {ratio:g}x {peer} req/s" + (", p99 below" if tail else ""), ok,
-                           f"{k.req_per_s / t.req_per_s:.2f}x, p99 {k.p99_ms:.2f} vs {t.p99_ms:.2f} ms"))
+        t = keyed.get(("tiny", body, conc, peer))
+        for server in kilns:
+            k = keyed.get(("tiny", body, conc, server))
+            if k and t:
+                ok = k.req_per_s >= ratio * t.req_per_s and (not tail or k.p99_ms < t.p99_ms)
+                checks.append((f"{server}: {body} c={conc}: >= {ratio:g}x {peer} req/s" + (", p99 below" if tail else ""),
+                               ok, f"{k.req_per_s / t.req_per_s:.2f}x, p99 {k.p99_ms:.2f} vs {t.p99_ms:.2f} ms"))
 
     vs("json", 8, "triton", 2.0, False)
     vs("json", 64, "triton", 1.5, True)
     vs("binary", 64, "triton", 2.0, True)
     vs("grpc", 64, "triton", 1.0, False)
     vs("json", 1, "baseline", 1.0, False)
-    b64 = keyed.get(("tiny", "binary", 64, "kiln"))
-    if b64:
-        checks.append((f"no stalls: binary c=64 slowest of {b64.requests:,} within 3x p99", b64.max_ms <= 3 * b64.p99_ms,
-                       f"max {b64.max_ms:.1f} ms, p99 {b64.p99_ms:.2f} ms"))
+    for server in kilns:
+        b64 = keyed.get(("tiny", "binary", 64, server))
+        if b64:
+            checks.append((f"{server}: no stalls: binary c=64 slowest of {b64.requests:,} within 3x p99",
+                           b64.max_ms <= 3 * b64.p99_ms, f"max {b64.max_ms:.1f} ms, p99 {b64.p99_ms:.2f} ms"))
     plain, shadow = keyed.get(("tiny", "json", 64, "kiln")), keyed.get(("tiny", "json", 64, "kiln+shadow"))
     if plain and shadow:
         checks.append(("drift watch at 1%: cost on JSON c=64", True,
                        f"req/s {shadow.req_per_s / plain.req_per_s:.2f}x, p99 {shadow.p99_ms:.2f} vs {plain.p99_ms:.2f} ms"))
-    for key in ("json", "binary"):
-        k, t = keyed.get(("tiny", key, 64, "kiln")), keyed.get(("tiny", key, 64, "triton"))
-        if k and t and k.cpu_s_per_1k and t.cpu_s_per_1k:
-            checks.append((f"{key} c=64: CPU per request against Triton", True,
-                           f"{k.cpu_s_per_1k:.2f} vs {t.cpu_s_per_1k:.2f} s per 1,000 ({k.cpu_s_per_1k / t.cpu_s_per_1k:.2f}x)"))
+    for server in kilns:
+        for key in ("json", "binary"):
+            k, t = keyed.get(("tiny", key, 64, server)), keyed.get(("tiny", key, 64, "triton"))
+            if k and t and k.cpu_s_per_1k and t.cpu_s_per_1k:
+                checks.append((f"{server}: {key} c=64: CPU per request against Triton", True,
+                               f"{k.cpu_s_per_1k:.2f} vs {t.cpu_s_per_1k:.2f} s per 1,000 "
+                               f"({k.cpu_s_per_1k / t.cpu_s_per_1k:.2f}x)"))
     if checks:
         print("\ntargets (tiny)")
         for what, ok, detail in checks:

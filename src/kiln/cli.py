@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     s.add_argument("--grpc-port", type=int, help="also serve the KServe v2 gRPC protocol on this port (pip install 'kiln[grpc]')")
     s.add_argument("--models", help="comma-separated subset of the repository's models")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes sharing the port, each with its own models and a share of the cores: "
+                        "more requests/s where one event loop is the bottleneck, N times the memory (default: 1)")
     s.add_argument("--max-batch-size", type=int, help="rows per execution")
     s.add_argument("--max-delay-ms", type=float, help="batching window, from the first request of a batch")
     s.add_argument("--preferred-batch-sizes", help="comma-separated sizes that run without waiting")
@@ -397,9 +400,8 @@ def check_serve_device(device: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kiln.server.app import create_app
     from kiln.server.dataplane import DataPlane
-    from kiln.server.run import run
+    from kiln.server.run import Settings, serve
 
     overrides = {
         "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "max_queue_size": args.max_queue_size,
@@ -407,6 +409,9 @@ def _serve(args: argparse.Namespace) -> int:
         "shadow_rate": args.shadow_rate,
         "preferred_batch_sizes": _int_list(args.preferred_batch_sizes, "--preferred-batch-sizes") if args.preferred_batch_sizes else None,
     }
+    if args.ray is not None and args.workers != 1:
+        raise KilnError("--workers is for one machine; on Ray, scale with --replicas (or --max-replicas)",
+                        hint="drop --workers, or drop --ray")
     if args.ray is not None:
         from kiln.ray import require_ray
 
@@ -436,17 +441,24 @@ def _serve(args: argparse.Namespace) -> int:
         from kiln.server.grpc_service import _modules
 
         _modules()  # refuse now, with the install hint, rather than after the models load
-    app = create_app(plane, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                     access_log=args.access_log or args.log_json, log_json=args.log_json,
-                     grpc_port=args.grpc_port, grpc_host=args.host)
+    if args.workers < 1:
+        raise KilnError(f"--workers {args.workers}: give at least 1", hint="e.g. --workers 2 on a machine with 2+ cores")
+    settings = Settings(repo=args.repo, host=args.host, port=args.port, models=args.models.split(",") if args.models else None,
+                        overrides=overrides, grpc_port=args.grpc_port, api_key=args.api_key,
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), access_log=args.access_log,
+                        log_json=args.log_json, grace_s=args.grace_s, header_timeout_s=args.header_timeout_s)
     grpc_text = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port is not None else ""
-    print(f"kiln serve: {', '.join(names)} on http://{args.host}:{args.port}{grpc_text} (ready at /v2/health/ready "
-          "once warm)", file=sys.stderr, flush=True)
-    code = run(app, host=args.host, port=args.port, grace_s=args.grace_s, plane=plane,
-               header_timeout_s=args.header_timeout_s)
-    for name, err in plane.errors.items():
-        print(f"model {name} failed to load: {err}", file=sys.stderr)
-    return code
+
+    def banner(port: int, workers: str = "") -> None:
+        print(f"kiln serve: {', '.join(names)} on http://{args.host}:{port}{grpc_text}{workers} (ready at "
+              "/v2/health/ready once warm)", file=sys.stderr, flush=True)
+
+    if args.workers > 1:
+        from kiln.server.workers import supervise
+
+        return supervise(settings, args.workers, on_listening=lambda port: banner(port, f", {args.workers} workers"))
+    banner(args.port)
+    return serve(settings)
 
 
 def _bench(args: argparse.Namespace) -> int:

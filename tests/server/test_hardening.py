@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -175,15 +176,23 @@ def _serve(repo: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def test_serve_exits_non_zero_when_no_model_can_load(hard_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_exits_non_zero_when_no_model_can_load(hard_repo: Path, tmp_path: Path, workers: str) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(hard_repo / "slow", repo / "slow")
     extra = next((repo / "slow").glob("*/variants/eager-fp32")) / "extra.py"
     extra.write_text("print('not from the build')\n")
-    proc, _ = _serve(repo)
+    proc, _ = _serve(repo, "--workers", workers)
     assert proc.wait(timeout=120) == 1
     err = proc.stderr.read() if proc.stderr else ""
     assert "no model could be loaded" in err and "unexpected files" in err and "Traceback" not in err
+    if workers == "2":
+        assert "exited 1; stopping" in err and not _children_alive(proc.pid)
+
+
+def _children_alive(pid: int) -> bool:
+    return any(Path(f"/proc/{p}/stat").is_file() and f" {pid} " in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:16]
+               for p in os.listdir("/proc") if p.isdigit())
 
 
 @pytest.mark.parametrize(("device", "message"), [("gpu", "unknown device 'gpu'"), ("cuda:0", "no CUDA GPU")])

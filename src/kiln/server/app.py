@@ -69,10 +69,26 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: int = 64 << 20,
                access_log: bool = False, log_json: bool = False, load_in_background: bool = True,
-               grpc_port: int | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
+               grpc_port: int | None = None, grpc_host: str = "127.0.0.1", peers: Any = None) -> FastAPI:
     """The ASGI app. Models load in the background at startup: live at once, ready when loaded and warm.
     With load_in_background=False startup waits for them (Ray Serve replicas: healthy means loaded).
-    With `grpc_port`, the KServe v2 gRPC service runs beside it on the same event loop and data plane."""
+    With `grpc_port`, the KServe v2 gRPC service runs beside it on the same event loop and data plane.
+    With `peers` (a kiln.server.peers.Peers: one of the workers of `kiln serve --workers N`), the endpoints that
+    describe the whole server (readiness, statistics, metrics, drift watch, repository load/unload) ask the
+    other workers too and merge."""
+    from kiln.server import peers as merge
+
+    def fan_out(request: Request) -> bool:
+        return peers is not None and merge.LOCAL not in request.headers
+
+    async def others(request: Request) -> dict[int, Any]:
+        answers: dict[int, Any] = await peers.ask(request.method, request.url.path, request.headers)
+        return answers
+
+    def merged(doc: Any, answers: dict[int, Any], status: int = 200) -> Response:
+        r = _json(doc, status)
+        r.headers[merge.ANSWERED] = merge.answered(answers, peers.count)
+        return r
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,17 +144,36 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         return _json({"live": True})
 
     @app.get("/v2/health/ready", tags=["health"])
-    async def ready() -> Response:
+    async def ready(request: Request) -> Response:
         ok = plane.ready()
-        return _json({"ready": ok} if ok else {"ready": False, "reasons": plane.not_ready_reasons()}, 200 if ok else 503)
+        doc = {"ready": ok} if ok else {"ready": False, "reasons": plane.not_ready_reasons()}
+        if fan_out(request):
+            answers = await others(request)
+            doc = merge.merge_ready(doc, peers.index, answers)
+            return merged(doc, answers, 200 if doc["ready"] else 503)
+        return _json(doc, 200 if ok else 503)
 
     @app.get("/v2", tags=["metadata"])
     async def server_metadata() -> Response:
         return _json(plane.server_metadata())
 
     @app.get("/v2/models/stats", tags=["statistics"])
-    async def all_stats() -> Response:
-        return _json(plane.statistics(None, None))
+    async def all_stats(request: Request) -> Response:
+        return await stats_of(request, None, None)
+
+    async def stats_of(request: Request, model: str | None, version: str | None) -> Response:
+        doc = plane.statistics(model, version)
+        if fan_out(request):
+            answers = await others(request)
+            docs = [doc] + [r.json() for r in answers.values() if r is not None and r.status_code == 200]
+            return merged(merge.merge_statistics(docs), answers)
+        return local(_json(doc))
+
+    def local(r: Response) -> Response:
+        """One worker's own answer says which worker it is."""
+        if peers is not None:
+            r.headers[merge.WORKER] = str(peers.index)
+        return r
 
     @app.get("/v2/models/{model}", tags=["metadata"])
     @app.get("/v2/models/{model}/versions/{version}", tags=["metadata"])
@@ -147,8 +182,12 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
 
     @app.get("/v2/models/{model}/ready", tags=["health"])
     @app.get("/v2/models/{model}/versions/{version}/ready", tags=["health"])
-    async def model_ready(model: str, version: str | None = None) -> Response:
+    async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
         m = plane.get(model, version)
+        if fan_out(request):
+            answers = await others(request)
+            ok = m.ready and all(r is not None and r.status_code == 200 for r in answers.values())
+            return merged({"name": model, "ready": ok}, answers, 200 if ok else 503)
         return _json({"name": model, "ready": m.ready}, 200 if m.ready else 503)
 
     @app.get("/v2/models/{model}/config", tags=["metadata"])
@@ -158,14 +197,18 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
 
     @app.get("/v2/models/{model}/stats", tags=["statistics"])
     @app.get("/v2/models/{model}/versions/{version}/stats", tags=["statistics"])
-    async def model_stats(model: str, version: str | None = None) -> Response:
-        return _json(plane.statistics(model, version))
+    async def model_stats(request: Request, model: str, version: str | None = None) -> Response:
+        return await stats_of(request, model, version)
 
     @app.get("/v2/models/{model}/fidelity", tags=["statistics"])
     @app.get("/v2/models/{model}/versions/{version}/fidelity", tags=["statistics"])
-    async def model_fidelity(model: str, version: str | None = None) -> Response:
+    async def model_fidelity(request: Request, model: str, version: str | None = None) -> Response:
         """Drift watch (--shadow-rate): the served variant against the fp32 reference on sampled live requests."""
-        return _json(plane.fidelity(model, version))
+        doc = plane.fidelity(model, version)
+        if fan_out(request):
+            answers = await others(request)
+            return merged(merge.merge_fidelity(doc, peers.index, answers), answers)
+        return _json(doc)
 
     @app.post("/v2/models/{model}/infer", tags=["inference"], openapi_extra=_INFER_BODY)
     @app.post("/v2/models/{model}/versions/{version}/infer", tags=["inference"], openapi_extra=_INFER_BODY)
@@ -194,23 +237,42 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         return _json(plane.index())
 
     @app.post("/v2/repository/models/{model}/load", tags=["repository"])
-    async def repo_load(model: str) -> Response:
+    async def repo_load(request: Request, model: str) -> Response:
         from kiln.errors import KilnError
 
         try:
             await plane.load(model)
         except KilnError as e:
             raise BadRequest(f"cannot load {model!r}: {e.message}" + (f"; {e.hint}" if e.hint else "")) from None
-        return _json({})
+        return await on_every_worker(request)
 
     @app.post("/v2/repository/models/{model}/unload", tags=["repository"])
-    async def repo_unload(model: str) -> Response:
+    async def repo_unload(request: Request, model: str) -> Response:
         await plane.unload(model)
-        return _json({})
+        return await on_every_worker(request)
+
+    async def on_every_worker(request: Request) -> Response:
+        """Done here: do it on the other workers too (a repository change must hold whichever worker answers)."""
+        if not fan_out(request):
+            return _json({})
+        answers = await others(request)
+        failed = merge.first_failure(answers)
+        if failed is not None:
+            i, error, status = failed
+            raise BadRequest(f"worker {i} of {peers.count}: {error}", status if status >= 400 else 500)
+        return merged({}, answers)
 
     @app.get("/metrics", tags=["metrics"])
-    async def metrics() -> Response:
-        return Response(plane.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics(request: Request) -> Response:
+        text = plane.metrics.render()
+        if fan_out(request):
+            answers = await others(request)
+            texts = {peers.index: text.decode()} | {i: r.text for i, r in answers.items()
+                                                    if r is not None and r.status_code == 200}
+            r = Response(merge.merge_metrics(texts), media_type="text/plain; version=0.0.4")
+            r.headers[merge.ANSWERED] = merge.answered(answers, peers.count)
+            return r
+        return local(Response(text, media_type="text/plain; version=0.0.4"))
 
     endpoint = InferEndpoint(plane, max_body_bytes)
     app.router.routes[0:0] = [Route("/v2/models/{model}/infer", endpoint, methods=["POST"]),

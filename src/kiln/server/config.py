@@ -35,6 +35,9 @@ class ModelConfig(BaseModel):
     """Serve this version instead of the latest."""
     variant: str | None = None
     """Serve this variant instead of the selected one."""
+    threads: int | None = Field(None, ge=1)
+    """Intra-op threads of each instance's runtime (ONNX Runtime's pool; torch's is per process). Default: the
+    runtime's own (every core); with `kiln serve --workers N`, the cores divided among the workers."""
     spin: bool = False
     """Let the runtime's idle intra-op threads busy-wait for the next operator (ONNX Runtime's allow_spinning). Off
     by default: a spinning pool burns the CPU that the HTTP front end needs (bench/serve.py, tiny conv, binary
@@ -52,13 +55,13 @@ class ModelConfig(BaseModel):
         return v
 
 
-def load_config(model_dir: Path, overrides: dict[str, Any]) -> ModelConfig:
-    """config.toml beside the model's versions, then the non-None command-line overrides."""
-    data: dict[str, Any] = {}
+def load_config(model_dir: Path, overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> ModelConfig:
+    """`defaults`, then config.toml beside the model's versions, then the non-None command-line overrides."""
+    data: dict[str, Any] = dict(defaults or {})
     f = model_dir / "config.toml"
     if f.is_file():
         try:
-            data = tomllib.loads(f.read_text())
+            data.update(tomllib.loads(f.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise KilnError(f"cannot parse {f}: {e}", hint="fix the TOML syntax") from None
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -42,11 +42,13 @@ class DataPlane:
     """
 
     def __init__(self, repo: Path, *, overrides: dict[str, Any] | None = None, only: list[str] | None = None,
-                 metrics: Metrics | None = None, drain_s: float = 30.0, model_factory: Any = None) -> None:
+                 metrics: Metrics | None = None, drain_s: float = 30.0, model_factory: Any = None,
+                 defaults: dict[str, Any] | None = None) -> None:
         if not repo.is_dir():
             raise KilnError(f"model repository not found: {repo}", hint="build a model first: kiln build ... --repo DIR")
         self.repo = repo
         self.overrides = overrides or {}
+        self.defaults = defaults or {}  # settings below config.toml (and the command line above it)
         self.only = only
         self.metrics = metrics or Metrics()
         self.drain_s = drain_s
@@ -84,7 +86,7 @@ class DataPlane:
             raise NotFound(f"no model {name!r} in {self.repo}; the repository has {self.available()}")
         self.loading.add(name)
         try:
-            config = load_config(model_dir, self.overrides)
+            config = load_config(model_dir, self.overrides, self.defaults)
             path = model_dir / str(config.version) if config.version is not None else model_dir
             version_dir, manifest = repository.resolve(path)
             served = self.model_factory(name, version_dir, manifest, config, observer=self.metrics.observe_batch)

@@ -78,7 +78,7 @@ class ServedModel:
         for device in self.config.devices:
             for _ in range(self.config.instances):
                 runner = repository.load(self.version_dir, device=device, variant=self.variant,
-                                         spin=self.config.spin)
+                                         threads=self.config.threads, spin=self.config.spin)
                 self._warm(runner)
                 self.runners.append(runner)
 

@@ -13,6 +13,8 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -93,12 +95,50 @@ class _Server(uvicorn.Server):
 
 
 def run(app: Any, *, host: str, port: int, grace_s: float, plane: DataPlane | None = None,
-        header_timeout_s: float = 10.0) -> int:
-    """Serve until a signal; returns the exit code (0 after a drain, 1 when no model could be loaded)."""
+        header_timeout_s: float = 10.0, sockets: list[socket.socket] | None = None) -> int:
+    """Serve until a signal; returns the exit code (0 after a drain, 1 when no model could be loaded).
+    `sockets`: listen on these already bound sockets instead of host:port (the workers of `--workers N`)."""
     protocol = type("KilnHttp", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http=protocol,
                             timeout_graceful_shutdown=max(1, int(EXIT_MARGIN_S / 2)), lifespan="on",
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=5, backlog=BACKLOG)
     server = _Server(config, plane, grace_s)
-    server.run()
+    server.run(sockets=sockets)
     return server.exit_code
+
+
+BACKLOG = 2048  # pending connections per listening socket (uvicorn's default)
+
+
+@dataclass
+class Settings:
+    """Everything one `kiln serve` process needs, plain data: the workers of `--workers N` get it as JSON."""
+
+    repo: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: list[str] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # below config.toml (the workers' thread share)
+    grpc_port: int | None = None
+    api_key: str | None = None
+    max_body_bytes: int = 64 << 20
+    access_log: bool = False
+    log_json: bool = False
+    grace_s: float = 30.0
+    header_timeout_s: float = 10.0
+
+
+def serve(settings: Settings, *, sockets: list[socket.socket] | None = None, peers: Any = None) -> int:
+    """One server process: load the repository's models, serve HTTP (and gRPC) until a signal, drain, exit."""
+    from kiln.server.app import create_app
+
+    s = settings
+    plane = DataPlane(Path(s.repo), overrides=s.overrides, defaults=s.defaults, only=s.models, drain_s=s.grace_s)
+    app = create_app(plane, api_key=s.api_key, max_body_bytes=s.max_body_bytes, access_log=s.access_log or s.log_json,
+                     log_json=s.log_json, grpc_port=s.grpc_port, grpc_host=s.host, peers=peers)
+    code = run(app, host=s.host, port=s.port, grace_s=s.grace_s, plane=plane, header_timeout_s=s.header_timeout_s,
+               sockets=sockets)
+    for name, err in plane.errors.items():
+        print(f"model {name} failed to load: {err}", file=sys.stderr)
+    return code

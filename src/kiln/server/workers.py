@@ -1,0 +1,183 @@
+"""`kiln serve --workers N`: N server processes behind one port, for when one event loop is the bottleneck.
+
+One Python process parses requests on one event loop, about one core's worth (bench/serve.py). With N workers the
+supervisor (this module, in the `kiln serve` process) binds N listening sockets to the same port with SO_REUSEPORT,
+so the kernel spreads connections over them, and starts one worker process per socket. Each worker is a whole
+server: its own models, batcher and runtimes (memory times N; each runtime gets its share of the cores), its own
+gRPC listener on --grpc-port (gRPC binds with SO_REUSEPORT too). The workers answer as one server where it
+matters: see kiln.server.peers.
+
+The supervisor restarts a worker that dies (a crash, the OOM killer), holding its socket meanwhile so that
+connections wait in its backlog rather than being refused; it gives up when workers die more than
+MAX_RESTARTS times in RESTART_WINDOW_S. A worker that exits 1 (no model could be loaded) stops the server with
+exit code 1, as a single process does. SIGTERM/SIGINT are passed on: every worker drains (--grace-s) and the
+supervisor exits 0 when they all did.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+
+from kiln.errors import KilnError
+from kiln.server.peers import Peers, socket_path
+from kiln.server.run import BACKLOG, EXIT_MARGIN_S, Settings, serve
+
+ENV = "KILN_SERVE_WORKER"  # the worker's settings, as JSON (in the environment: the API key stays out of argv)
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
+def listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` listening sockets on host:port, sharing it through SO_REUSEPORT. The port is first bound without
+    SO_REUSEPORT, so that a port another server holds is refused rather than silently shared with it."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise KilnError(f"cannot resolve --host {host}: {e.strerror}", hint="give an address such as 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as e:
+            raise KilnError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pick a free port with --port") from None
+        addr = probe.getsockname()  # port 0 -> the port the system chose
+    socks = []
+    for _ in range(count):
+        s = socket.socket(family, kind, proto)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(addr)
+        s.listen(BACKLOG)
+        s.set_inheritable(True)
+        socks.append(s)
+    return socks
+
+
+def check_free(host: str, port: int) -> None:
+    """Refuse a --grpc-port another process holds (the workers' gRPC servers share it through SO_REUSEPORT)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as e:
+            raise KilnError(f"cannot listen for gRPC on {host}:{port}: {e.strerror}", hint="pick a free port with --grpc-port") from None
+
+
+def share_of_cores(count: int) -> int:
+    """Intra-op threads per worker: the cores this process may use, divided among the workers."""
+    return max(1, len(os.sched_getaffinity(0)) // count)
+
+
+def supervise(settings: Settings, count: int, *, on_listening: object = None) -> int:
+    """Run `count` workers until SIGTERM/SIGINT; returns the exit code."""
+    socks = listen(settings.host, settings.port, count)
+    if settings.grpc_port is not None:
+        check_free(settings.host, settings.grpc_port)
+    settings.port = socks[0].getsockname()[1]
+    settings.defaults = {"threads": share_of_cores(count), **settings.defaults}
+    rundir = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
+    if callable(on_listening):
+        on_listening(settings.port)
+
+    def spawn(i: int) -> subprocess.Popen[bytes]:
+        doc = {"settings": asdict(settings), "index": i, "count": count, "fd": socks[i].fileno(), "rundir": str(rundir)}
+        return subprocess.Popen([sys.executable, "-m", "kiln.server.workers"], env={**os.environ, ENV: json.dumps(doc)},
+                                pass_fds=[socks[i].fileno()])
+
+    procs = [spawn(i) for i in range(count)]
+    state = {"stopping": False, "forced": False}
+
+    def stop_all(sig: int = signal.SIGTERM) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def on_signal(sig: int, _: FrameType | None) -> None:
+        if state["stopping"] and sig == signal.SIGINT:  # a second Ctrl-C: stop now
+            state["forced"] = True
+            stop_all(signal.SIGKILL)
+            return
+        state["stopping"] = True
+        stop_all(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    deaths: collections.deque[float] = collections.deque()
+    code = 0
+    try:
+        while not state["stopping"]:
+            time.sleep(0.2)
+            for i, p in enumerate(procs):
+                rc = p.poll()
+                if rc is None or state["stopping"]:
+                    continue
+                if rc == 1:  # the worker's own verdict (no model could be loaded): the others would say the same
+                    print(f"kiln serve: worker {i} exited 1; stopping", file=sys.stderr, flush=True)
+                    code = 1
+                    state["stopping"] = True
+                    stop_all()
+                    break
+                now = time.monotonic()
+                deaths.append(now)
+                while deaths and deaths[0] < now - RESTART_WINDOW_S:
+                    deaths.popleft()
+                how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+                if len(deaths) > MAX_RESTARTS:
+                    print(f"kiln serve: worker {i} died ({how}), the {len(deaths)}th time in {RESTART_WINDOW_S:.0f} s; "
+                          "stopping", file=sys.stderr, flush=True)
+                    code = 1
+                    state["stopping"] = True
+                    stop_all()
+                    break
+                print(f"kiln serve: worker {i} (pid {p.pid}) died ({how}); restarting it", file=sys.stderr, flush=True)
+                procs[i] = spawn(i)
+        deadline = time.monotonic() + settings.grace_s + 2 * EXIT_MARGIN_S
+        for p in procs:
+            try:
+                rc = p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = p.wait()
+            if rc != 0 and not state["forced"]:
+                code = code or 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for sock in socks:
+            sock.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+    return code
+
+
+def worker_main() -> int:
+    """A worker: the settings from the environment, the inherited listening socket, a Unix socket for the others."""
+    doc = json.loads(os.environ.pop(ENV))
+    settings = Settings(**doc["settings"])
+    tcp = socket.socket(fileno=doc["fd"])
+    path = socket_path(doc["rundir"], doc["index"])
+    path.unlink(missing_ok=True)  # a crashed predecessor's
+    uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    uds.bind(str(path))
+    uds.listen(BACKLOG)
+    threads = settings.defaults.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))  # torch's intra-op pool is per process: this worker's share
+    return serve(settings, sockets=[tcp, uds], peers=Peers(doc["rundir"], doc["index"], doc["count"]))
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,173 @@
+"""`kiln serve --workers N`: several processes on one port that answer as one server, restart after a crash and
+drain together on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from kiln.server.peers import merge_metrics, merge_statistics
+from v2client import wait_ready
+
+from .conftest import free_port
+
+KEY = "s3cret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _digits_body(rng: np.random.Generator) -> dict[str, object]:
+    x = rng.standard_normal(64).astype(np.float32)
+    return {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.tolist()}]}
+
+
+def _send(url: str, connections: int, per_connection: int) -> int:
+    """Requests over separate connections (the kernel spreads connections over the workers); returns how many."""
+    rng = np.random.default_rng(0)
+    for _ in range(connections):
+        with httpx.Client(headers=AUTH, timeout=30) as c:
+            for _ in range(per_connection):
+                r = c.post(f"{url}/v2/models/digits/infer", json=_digits_body(rng))
+                assert r.status_code == 200, r.text
+    return connections * per_connection
+
+
+def _local_counts(url: str) -> dict[str, int]:
+    """Each worker's own inference count, asked over fresh connections until both workers have answered."""
+    seen: dict[str, int] = {}
+    for _ in range(200):
+        r = httpx.get(f"{url}/v2/models/digits/stats", headers={**AUTH, "kiln-worker-local": "1"}, timeout=10)
+        seen[r.headers["kiln-worker"]] = r.json()["model_stats"][0]["inference_count"]
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and 'model="digits"' in line)
+
+
+def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
+                             "--models", "digits", "--api-key", KEY, "--grace-s", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(url, proc)
+        r = httpx.get(f"{url}/v2/health/ready", timeout=10)
+        assert r.json() == {"ready": True} and r.headers["kiln-workers"] == "2/2"
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+
+        sent = _send(url, connections=24, per_connection=5)
+        local = _local_counts(url)
+        assert len(local) == 2 and sum(local.values()) == sent and min(local.values()) > 0, local  # both served
+        stats = httpx.get(f"{url}/v2/models/digits/stats", headers=AUTH, timeout=10)
+        s = stats.json()["model_stats"][0]
+        assert stats.headers["kiln-workers"] == "2/2" and s["inference_count"] == sent
+        assert s["inference_stats"]["success"]["count"] == sent
+        assert sum(b["compute_infer"]["count"] for b in s["batch_stats"]) == s["execution_count"]
+        text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+        assert _metric(text, "kiln_request_success_total") == sent
+        assert _metric(text, "kiln_in_flight") == 0
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401  # the key guards the merged answers too
+
+        # Repository changes reach every worker, whichever one the request lands on.
+        assert httpx.post(f"{url}/v2/repository/models/digits/unload", headers=AUTH, timeout=30).status_code == 200
+        for _ in range(6):  # fresh connections: both workers answer in turn
+            assert httpx.get(f"{url}/v2/models/digits/ready", headers=AUTH, timeout=10).status_code == 404
+        r = httpx.post(f"{url}/v2/repository/models/digits/load", headers=AUTH, timeout=60)
+        assert r.status_code == 200 and r.headers["kiln-workers"] == "2/2"
+        assert httpx.get(f"{url}/v2/models/digits/ready", headers=AUTH, timeout=10).status_code == 200
+
+        os.kill(workers[0], signal.SIGKILL)  # a crash: the supervisor starts another, the other keeps serving
+        deadline = time.monotonic() + 90
+        while True:
+            ready = httpx.get(f"{url}/v2/health/ready", timeout=10)
+            if ready.status_code == 200 and set(_children(proc.pid)) - set(workers):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, ready.text
+            time.sleep(0.2)
+        assert _send(url, connections=8, per_connection=2) == 16
+        replacement = set(_children(proc.pid)) - set(workers)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in [*workers[1:], *replacement])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert ", 2 workers" in err and f"worker 0 (pid {workers[0]}) died (killed by signal 9); restarting it" in err
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_workers_refuse_a_taken_port_and_a_bad_count(serve_repo: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
+                            "--models", "digits"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in p.stderr and "--port" in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--workers", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--workers 0: give at least 1" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_merged_metrics_sum_counters_and_keep_figures_per_worker() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kiln.server.metrics import Metrics
+
+    texts = {}
+    for worker, (ok, in_flight, cosine) in enumerate([(3, 2, 0.999), (4, 1, 0.98)]):
+        m = Metrics()  # what each worker's /metrics renders
+        m.request_success.labels("m", "1").inc(ok)
+        m.in_flight.labels("m", "1").set(in_flight)
+        m.fidelity.labels("m", "y", "cosine").set(cosine)
+        for rows in range(ok):
+            m.batch_size.labels("m", "1").observe(rows + 1)
+        texts[worker] = m.render().decode()
+    merged = merge_metrics(texts).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(merged) for s in f.samples}
+    m1 = (("model", "m"), ("version", "1"))
+    assert samples[("kiln_request_success_total", m1)] == 7
+    created = [v for (name, labels), v in samples.items() if name == "kiln_request_success_created"]
+    assert len(created) == 1  # the earliest worker's start, one series
+    assert samples[("kiln_in_flight", m1)] == 3
+    assert samples[("kiln_batch_size_count", m1)] == 7 and samples[("kiln_batch_size_sum", m1)] == 6 + 10
+    assert samples[("kiln_batch_size_bucket", (("le", "1.0"), *m1))] == 2
+    fid = {dict(k[1])["worker"]: v for k, v in samples.items() if k[0] == "kiln_fidelity"}
+    assert fid == {"0": 0.999, "1": 0.98}  # not additive: one series per worker
+    assert "# TYPE kiln_request_success_total counter" in merged or "# TYPE kiln_request_success counter" in merged
+
+
+def test_merged_statistics_sum_per_model_and_batch_size() -> None:
+    def doc(n: int, sizes: dict[int, int]) -> dict[str, object]:
+        d = {"count": n, "ns": 10 * n}
+        return {"model_stats": [{"name": "m", "version": "1", "last_inference": n, "inference_count": n, "execution_count": n,
+                                 "inference_stats": {k: dict(d) for k in ("success", "fail", "queue", "compute_input",
+                                                                          "compute_infer", "compute_output")},
+                                 "batch_stats": [{"batch_size": b, **{k: {"count": c, "ns": c} for k in
+                                                                      ("compute_input", "compute_infer", "compute_output")}}
+                                                 for b, c in sizes.items()]}]}
+
+    s = merge_statistics([doc(3, {1: 2, 4: 1}), doc(5, {2: 5, 4: 3})])["model_stats"][0]
+    assert s["inference_count"] == 8 and s["last_inference"] == 5
+    assert s["inference_stats"]["compute_infer"] == {"count": 8, "ns": 80}
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in s["batch_stats"]] == [(1, 2), (2, 5), (4, 4)]
