@@ -11,7 +11,8 @@ with one GPU and with two, in the same run:
 2. `kiln predict` over .npy files of images (--device cuda:0, then cuda:0,cuda:1), batch 256, DataLoader workers,
    img/s including reading, pinned copies, writing;
 3. `kiln serve --device cuda:0 [--device cuda:1]`, binary KServe v2 requests of one image and of 16 images from
-   several load-generator processes on the same machine, req/s and img/s, with the server's CPU seconds.
+   several load-generator processes on the same machine, req/s and img/s, with the server's CPU seconds; with one
+   server process and with `--workers N` (--serve-workers 1,8: each worker has its own runner on every device).
 
 Target (issue): two GPUs >= 1.8x one GPU for binary requests at high concurrency. Where the front end is the
 bottleneck, the model-alone row shows what the GPUs could do and the server's CPU use shows where the time went.
@@ -97,15 +98,16 @@ def _load(args: tuple[int, bytes, int, int, int]) -> tuple[float, int, int]:
     return elapsed, len(lat), errors
 
 
-def serve_rate(path: Path, devices: list[str], images: int, procs: int, conc: int, total: int) -> dict[str, Any]:
+def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
+    """One server (`--workers`), every load (images per request, load processes, connections each, requests)."""
     from serve import cpu_seconds, free_port, request_bytes
 
     port = free_port()
     cmd = [sys.executable, "-m", "kiln", "serve", str(path.parent.parent), "--port", str(port), "--models", "resnet50",
-           "--max-batch-size", "256", "--max-delay-ms", "2", "--max-body-mb", "256"]
+           "--max-batch-size", "256", "--max-delay-ms", "2", "--max-body-mb", "256", "--workers", str(workers)]
     for d in devices:
         cmd += ["--device", d]
-    log = path.parent.parent.parent / f"serve-{len(devices)}.log"
+    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     try:
@@ -118,19 +120,23 @@ def serve_rate(path: Path, devices: list[str], images: int, procs: int, conc: in
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"kiln serve did not start: {cmd}\n{log.read_text()[-3000:]}") from None
                 time.sleep(0.5)
-        x = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
-        req = request_bytes("/v2/models/resnet50/infer", x, True)
-        with mp.get_context("spawn").Pool(procs) as pool:
-            pool.map(_load, [(port, req, 20, 2, images)] * procs)  # warm every bucket path once
-            cpu0 = cpu_seconds(proc.pid)
-            t0 = time.perf_counter()
-            res = pool.map(_load, [(port, req, total // procs, conc, images)] * procs)
-            wall = time.perf_counter() - t0
-            cpu = cpu_seconds(proc.pid) - cpu0
-        done = sum(n for _, n, _ in res)
-        return {"devices": devices, "images_per_request": images, "clients": procs * conc, "requests": done,
-                "errors": sum(e for _, _, e in res), "req_per_s": done / wall, "img_per_s": done * images / wall,
-                "server_cpu_cores": cpu / wall}
+        out = []
+        for images, procs, conc, total in loads:
+            x = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
+            req = request_bytes("/v2/models/resnet50/infer", x, True)
+            with mp.get_context("spawn").Pool(procs) as pool:
+                pool.map(_load, [(port, req, 20 * workers, 2, images)] * procs)  # warm every worker's bucket paths
+                cpu0 = cpu_seconds(proc.pid)
+                t0 = time.perf_counter()
+                res = pool.map(_load, [(port, req, total // procs, conc, images)] * procs)
+                wall = time.perf_counter() - t0
+                cpu = cpu_seconds(proc.pid) - cpu0
+            done = sum(n for _, n, _ in res)
+            out.append({"devices": devices, "workers": workers, "images_per_request": images, "clients": procs * conc,
+                        "requests": done, "errors": sum(e for _, _, e in res), "req_per_s": done / wall,
+                        "img_per_s": done * images / wall, "server_cpu_cores": cpu / wall})
+            print(f"serve: {out[-1]}", file=sys.stderr, flush=True)
+        return out
     finally:
         proc.terminate()
         proc.wait(30)
@@ -141,7 +147,10 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--items", type=int, default=16384, help="images for kiln predict (default: 16384)")
     p.add_argument("--workers", type=int, default=8, help="predict's DataLoader workers (default: 8)")
+    p.add_argument("--serve-workers", default="1,8", help="kiln serve --workers counts, comma-separated (default: 1,8)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: alone, predict")
     args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     n = torch.cuda.device_count()
     if n < 2:
         print(f"this machine has {n} GPU(s); the benchmark needs two", file=sys.stderr)
@@ -157,42 +166,54 @@ def main() -> int:
         if args.out:
             args.out.write_text(json.dumps(results, indent=2))
 
-    results["alone"] = {"1": model_alone(path, one), "2": model_alone(path, two)}
-    save()
-    print(f"model alone: {results['alone']}", file=sys.stderr, flush=True)
-    per = 4096
-    x = np.random.default_rng(1).standard_normal((per, 3, 224, 224)).astype(np.float32)
-    files = []
-    for k in range(max(1, args.items // per)):
-        f = work / f"images{k}.npy"  # memory-mapped by kiln predict, as a large offline job's arrays would be
-        np.save(f, x)
-        files.append(f)
-    del x
-    results["predict"] = {str(len(d)): predict_rate(path, files, work / f"p{len(d)}.npz", ",".join(d), args.workers)
-                          for d in (one, two)}
-    save()
-    print(f"predict: {results['predict']}", file=sys.stderr, flush=True)
+    if "alone" not in skip:
+        results["alone"] = {"1": model_alone(path, one), "2": model_alone(path, two)}
+        save()
+        print(f"model alone: {results['alone']}", file=sys.stderr, flush=True)
+    if "predict" not in skip:
+        run_predict(path, work, args.items, args.workers, results)
+        save()
     results["serve"] = []
-    for images, procs, conc, total in ((1, 4, 32, 16000), (16, 4, 8, 3200)):
+    loads = [(1, 8, 16, 32000), (16, 8, 4, 2400)]
+    for w in (int(v) for v in args.serve_workers.split(",")):
         for d in (one, two):
-            results["serve"].append(serve_rate(path, d, images, procs, conc, total))
+            results["serve"] += serve_rates(path, d, w, loads)
             save()
-            print(f"serve: {results['serve'][-1]}", file=sys.stderr, flush=True)
 
     print(f"\nResNet-50, {VARIANT}, on {results['gpu']} (one GPU vs two)")
-    print(f"{'measurement':44} {'1 GPU':>10} {'2 GPUs':>10} {'2 / 1':>7}")
-    a = results["alone"]
-    print(f"{'model alone, batch 256, img/s':44} {a['1']:>10,.0f} {a['2']:>10,.0f} {a['2'] / a['1']:>6.2f}x")
-    q = results["predict"]
-    print(f"{'kiln predict, .npy, batch 256, img/s':44} {q['1']:>10,.0f} {q['2']:>10,.0f} {q['2'] / q['1']:>6.2f}x")
-    for k in range(0, len(results["serve"]), 2):
-        s1, s2 = results["serve"][k], results["serve"][k + 1]
-        label = f"serve, {s1['images_per_request']} img/request, c={s1['clients']}, img/s"
-        print(f"{label:44} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
+    print(f"{'measurement':52} {'1 GPU':>10} {'2 GPUs':>10} {'2 / 1':>7}")
+    if "alone" in results:
+        a = results["alone"]
+        print(f"{'model alone, batch 256, img/s':52} {a['1']:>10,.0f} {a['2']:>10,.0f} {a['2'] / a['1']:>6.2f}x")
+    if "predict" in results:
+        q = results["predict"]
+        print(f"{'kiln predict, .npy, batch 256, img/s':52} {q['1']:>10,.0f} {q['2']:>10,.0f} {q['2'] / q['1']:>6.2f}x")
+    rows = {(r["workers"], r["images_per_request"], len(r["devices"])): r for r in results["serve"]}
+    for (w, images, gpus), s1 in rows.items():
+        s2 = rows.get((w, images, 2))
+        if gpus != 1 or s2 is None:
+            continue
+        label = f"serve --workers {w}, {images} img/request, c={s1['clients']}, img/s"
+        print(f"{label:52} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
               f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, errors "
               f"{s1['errors']}/{s2['errors']})")
     save()
     return 0
+
+
+def run_predict(path: Path, work: Path, items: int, workers: int, results: dict[str, Any]) -> None:
+    one, two = ["cuda:0"], ["cuda:0", "cuda:1"]
+    per = 4096
+    x = np.random.default_rng(1).standard_normal((per, 3, 224, 224)).astype(np.float32)
+    files = []
+    for k in range(max(1, items // per)):
+        f = work / f"images{k}.npy"  # memory-mapped by kiln predict, as a large offline job's arrays would be
+        np.save(f, x)
+        files.append(f)
+    del x
+    results["predict"] = {str(len(d)): predict_rate(path, files, work / f"p{len(d)}.npz", ",".join(d), workers)
+                          for d in (one, two)}
+    print(f"predict: {results['predict']}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
