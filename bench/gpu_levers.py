@@ -57,9 +57,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile")
+    p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile,"
+                                                   "gelu,dynamic,kiln")
     args = p.parse_args()
-    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic"} if args.lever == "all" else set(args.lever.split(","))
+    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "kiln"} if args.lever == "all" else set(args.lever.split(","))
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -112,6 +113,8 @@ def main() -> int:
         rows += autotune_rows(bf16, ids, ones, ref)
     if "profile" in levers:
         profile_table(bf16, ids, ones)
+    if "kiln" in levers:
+        rows += kiln_rows(ids, ones, ref)
     print(f"\nBERT-base, batch 64, seq 128, torch.compile reduce-overhead, {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     base = rows[0][1]
     print(f"{'variant':40} {'seq/s':>9} {'vs bf16':>8} {'cosine':>9}  attention kernels")
@@ -256,6 +259,75 @@ def autotune_rows(bf16: Any, ids: torch.Tensor, ones: torch.Tensor, ref: torch.T
             s = timed(call)
         rows.append((f"max-autotune GEMMs only, {attempt}", 64 / s, cosine(out, ref), f"compile {compile_s:.0f} s"))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def kernel_us(call: Callable[[], Any], calls: int = 10) -> tuple[float, list[tuple[float, str]]]:
+    """CUDA kernel time per call (the sum over kernels) and the kernels by time, from torch.profiler."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    kernels = [(e.device_time_total / calls, e.key[:60]) for e in prof.key_averages() if e.device_time_total > 0]
+    return sum(us for us, _ in kernels), sorted(kernels, reverse=True)
+
+
+def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor) -> list[tuple[str, float, float, str]]:
+    """kiln's own compile/bf16+epilogue+cudagraphs (built by kiln.build from bench/gpu_models.py, loaded by kiln.load)
+    against the same module with the same kiln transforms compiled by hand (mode="reduce-overhead"), and kiln's
+    compiled function without its runner around it: the rows say where kiln's path loses, the kernel sums whether
+    the GPU runs other kernels."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.torch import save_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_models import BertEncoder
+
+    import kiln
+    from kiln.recipe import Recipe
+    from kiln.transforms import apply
+
+    variant = "compile/bf16+epilogue+cudagraphs"
+    work = Path(tempfile.mkdtemp(prefix="kiln-lever-"))
+    torch.manual_seed(0)
+    module = BertEncoder().eval()
+    save_model(module, str(work / "bert.safetensors"))
+    np.savez(work / "bert.npz", ids=ids[:16].cpu().numpy(), mask=ones[:16].cpu().numpy())
+    t0 = time.perf_counter()
+    kiln.build(f"{Path(__file__).resolve().parent}/gpu_models.py:BertEncoder", weights=work / "bert.safetensors",
+               inputs=["ids:int64[batch,seq]@0..30521", "mask:int64[batch,seq]@1..1"], repo=work / "models", name="bert",
+               data=work / "bert.npz", device="cuda", batch=(1, 64), dim_size={"seq": 128}, variants=[variant],
+               objective="throughput")
+    print(f"  kiln build {variant}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    runner = kiln.load(work / "models" / "bert", device="cuda", variant=variant)
+    hand = apply(copy.deepcopy(module), Recipe.parse("bf16+epilogue")).cuda().eval()
+    with torch.inference_mode():
+        ref_bf16 = ref
+        rows = []
+        cases: list[tuple[str, Callable[[], Any]]] = [("kiln.load runner.run (bucketed graphs, fp32 out)",
+                                                        lambda: runner.run([ids, ones])[0])]
+        torch._dynamo.reset()
+        g = torch.compile(hand, mode="reduce-overhead")
+        cases.append(("same transforms, compile reduce-overhead by hand", lambda: g(ids, ones)))
+        g2 = torch.compile(copy.deepcopy(hand), mode="reduce-overhead", dynamic=True)
+        cases.append(("same, by hand, dynamic=True", lambda: g2(ids, ones)))
+        for label, call in cases:
+            out = call().clone()
+            s = timed(call)
+            total, kernels = kernel_us(call)
+            top = "; ".join(f"{k} {us:,.0f}us" for us, k in kernels[:4])
+            rows.append((label, 64 / s, cosine(out, ref_bf16), f"kernels {total:,.0f} us/batch: {top}"))
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+            print(f"  {label}: every kernel, us per batch", file=sys.stderr)
+            for us, k in kernels[:25]:
+                print(f"      {us:8,.1f}  {k}", file=sys.stderr)
     return rows
 
 
