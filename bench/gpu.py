@@ -173,6 +173,12 @@ def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool 
     large = [x.to("cuda") for x in _inputs(name, spec["batch"], 2)]
     with torch.inference_mode():
         sustained = _sustained_per_s(lambda: runner.run(large), spec["batch"])
+        from gpu_levers import kernel_us
+
+        total_us, kernels = kernel_us(lambda: runner.run(large))
+        print(f"  {r.selected} loaded with kiln.load: {sustained:,.0f} {spec['unit']} back to back, "
+              f"{total_us:,.0f} us of kernels per batch: " + "; ".join(f"{k} {us:,.0f}" for us, k in kernels[:5]),
+              file=sys.stderr, flush=True)
     for row in rows:
         if row["variant"] == r.selected:
             row["items_per_s_sustained"] = sustained

@@ -59,6 +59,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile,"
                                                    "gelu,dynamic,kiln")
+    p.add_argument("--kiln-all", action="store_true",
+                   help="--lever kiln: build every BERT variant bench/gpu.py builds first, as it does, then load one")
     args = p.parse_args()
     levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "kiln"} if args.lever == "all" else set(args.lever.split(","))
     from transformers import BertConfig, BertModel
@@ -114,7 +116,7 @@ def main() -> int:
     if "profile" in levers:
         profile_table(bf16, ids, ones)
     if "kiln" in levers:
-        rows += kiln_rows(ids, ones, ref)
+        rows += kiln_rows(ids, ones, ref, everything=args.kiln_all)
     print(f"\nBERT-base, batch 64, seq 128, torch.compile reduce-overhead, {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     base = rows[0][1]
     print(f"{'variant':40} {'seq/s':>9} {'vs bf16':>8} {'cosine':>9}  attention kernels")
@@ -275,7 +277,8 @@ def kernel_us(call: Callable[[], Any], calls: int = 10) -> tuple[float, list[tup
     return sum(us for us, _ in kernels), sorted(kernels, reverse=True)
 
 
-def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor) -> list[tuple[str, float, float, str]]:
+def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor, *, everything: bool = False,
+              ) -> list[tuple[str, float, float, str]]:
     """kiln's own compile/bf16+epilogue+cudagraphs (built by kiln.build from bench/gpu_models.py, loaded by kiln.load)
     against the same module with the same kiln transforms compiled by hand (mode="reduce-overhead"), and kiln's
     compiled function without its runner around it: the rows say where kiln's path loses, the kernel sums whether
@@ -295,6 +298,11 @@ def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor) -> list[
     from kiln.transforms import apply
 
     variant = "compile/bf16+epilogue+cudagraphs"
+    variants = [variant]
+    if everything:  # the same process state as bench/gpu.py: every variant built (and compiled) before the load
+        from gpu import MODELS
+
+        variants = [v for v in MODELS["bert"]["variants"] if v.startswith(("eager", "compile"))]
     work = Path(tempfile.mkdtemp(prefix="kiln-lever-"))
     torch.manual_seed(0)
     module = BertEncoder().eval()
@@ -303,7 +311,7 @@ def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor) -> list[
     t0 = time.perf_counter()
     kiln.build(f"{Path(__file__).resolve().parent}/gpu_models.py:BertEncoder", weights=work / "bert.safetensors",
                inputs=["ids:int64[batch,seq]@0..30521", "mask:int64[batch,seq]@1..1"], repo=work / "models", name="bert",
-               data=work / "bert.npz", device="cuda", batch=(1, 64), dim_size={"seq": 128}, variants=[variant],
+               data=work / "bert.npz", device="cuda", batch=(1, 64), dim_size={"seq": 128}, variants=variants,
                objective="throughput")
     print(f"  kiln build {variant}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     runner = kiln.load(work / "models" / "bert", device="cuda", variant=variant)
@@ -313,6 +321,9 @@ def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor) -> list[
         rows = []
         cases: list[tuple[str, Callable[[], Any]]] = [("kiln.load runner.run (bucketed graphs, fp32 out)",
                                                         lambda: runner.run([ids, ones])[0])]
+        for other in (v for v in variants if v.startswith("compile/") and v.endswith("cudagraphs") and v != variant):
+            r2 = kiln.load(work / "models" / "bert", device="cuda", variant=other)
+            cases.append((f"kiln.load {other}", functools.partial(lambda r: r.run([ids, ones])[0], r2)))
         torch._dynamo.reset()
         g = torch.compile(hand, mode="reduce-overhead")
         cases.append(("same transforms, compile reduce-overhead by hand", lambda: g(ids, ones)))
@@ -322,6 +333,13 @@ def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor) -> list[
             out = call().clone()
             s = timed(call)
             total, kernels = kernel_us(call)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    call()
+                torch.cuda.synchronize()
+            api = {e.key: e.count // 10 for e in prof.key_averages() if e.key in ("cudaGraphLaunch", "cudaLaunchKernel",
+                                                                                    "cuLaunchKernel", "cuLaunchKernelEx")}
+            print(f"  {label}: CUDA API calls per call {api}", file=sys.stderr, flush=True)
             top = "; ".join(f"{k} {us:,.0f}us" for us, k in kernels[:4])
             rows.append((label, 64 / s, cosine(out, ref_bf16), f"kernels {total:,.0f} us/batch: {top}"))
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)

@@ -107,3 +107,28 @@ def test_encoder_longer_sequence(built: Callable[[str], kiln.BuildResult]) -> No
     for g, r in zip(runner(ids, mask), eager("Encoder", [ids, mask])):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
     assert TensorSpec.parse("ids:int64[batch,seq]@0..99") == result.inputs[0]
+
+
+def test_every_compiled_model_gets_its_own_dynamo_cache() -> None:
+    """Dynamo compiles one code object at most recompile_limit times, then runs it eagerly without a word: twelve
+    models behind one shared FlatModel.forward would leave the last ones uncompiled. own_frame gives each its own."""
+    import torch
+
+    from kiln.signature import FlatModel, own_frame
+
+    compiled: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, _: list[torch.Tensor]) -> object:
+        compiled.append(1)
+        return gm.forward
+
+    x = torch.randn(2, 4)
+    limit = torch._dynamo.config.recompile_limit
+    for i in range(limit + 4):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU() if i % 2 else torch.nn.Tanh()).eval()
+        flat = own_frame(FlatModel(model))
+        with torch.no_grad():
+            out = torch.compile(flat, backend=backend)(x)[0]
+            torch.testing.assert_close(out, model(x))
+    assert len(compiled) == limit + 4  # each compiled for itself (shared, only 2 of 12 compile: 8 entries, then eager)
+    assert len({own_frame(FlatModel(torch.nn.ReLU())).forward.__code__ for _ in range(3)}) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,24 @@ class FlatModel(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(tree_flatten(self.model(*args))[0])
+
+
+def own_frame(flat: FlatModel) -> FlatModel:
+    """`flat` with a forward of its own code object, for torch.compile.
+
+    Dynamo keeps compiled code per Python code object, at most `torch._dynamo.config.recompile_limit` (8) entries,
+    and past that runs the frame eagerly without a word. Every FlatModel shares one forward, so in a process that
+    compiles many (a build's variants and their verification shapes, a server with several models) the ninth one ran
+    eager ATen kernels under kiln's CUDA graphs: BERT's selected compile variant made 16,555 seq/s after a full build
+    in bench/gpu.py, where the same variant loaded alone makes 19,877 (bench/gpu_levers.py --lever kiln). A copy of
+    the code object per loaded model gives each model its own cache and its own limit; Inductor's FX graph cache
+    still matches identical graphs, so a second load compiles as fast as before."""
+    base = FlatModel.forward
+    name = f"forward_{id(flat):x}"
+    code = base.__code__.replace(co_name=name, co_qualname=f"FlatModel.{name}")
+    forward = types.FunctionType(code, base.__globals__, name, base.__defaults__, base.__closure__)
+    flat.__class__ = type("FlatModel", (FlatModel,), {"forward": forward, "__module__": FlatModel.__module__})
+    return flat
 
 
 def output_names(out: Any) -> list[str]:

@@ -26,7 +26,7 @@ from kiln.backends.eager import check_recipe, recipe_meta
 from kiln.errors import Skip
 from kiln.recipe import Recipe
 from kiln.runner import Runner
-from kiln.signature import FlatModel, example_inputs
+from kiln.signature import FlatModel, example_inputs, own_frame
 from kiln.spec import TensorSpec
 from kiln.transforms import apply
 
@@ -67,7 +67,7 @@ def load(directory: Path, meta: dict[str, Any], inputs: list[TensorSpec], output
          *, device: str = "cpu", threads: int | None = None) -> Runner:
     check_device(device)
     recipe = Recipe.parse(meta.get("recipe", "fp32"))
-    flat = FlatModel(apply(rebuild_module(directory, meta), recipe)).to(device).eval()
+    flat = own_frame(FlatModel(apply(rebuild_module(directory, meta), recipe)).to(device).eval())
     opts = meta.get("compile", DEFAULT_OPTIONS)
     static = opts.get("mode") == "max-autotune"
     if static:  # kernels tuned for each bucket's exact shape (tuning for a symbolic batch picked slow GEMMs for BERT)
