@@ -14,7 +14,8 @@ net on 3x128x128 (--models a,b,c). Each server runs in its own process; this pro
 `concurrency` keep-alive connections send requests as fast as answers come back (raw HTTP/1.1 over asyncio, and
 grpc.aio with tritonclient's protos). CPU seconds per 1,000 requests are the server's process tree's (utime+stime
 from /proc), so Triton's python-backend stub counts. kiln serves the variant its build selected; `kiln+shadow` is
-the same with drift watch at --shadow-rate 0.01. Prints one table: req/s, p50, p99, max, CPU s per 1,000 requests.
+the same with drift watch at --shadow-rate 0.01. Prints one table: req/s, p50, p99, max, CPU s per 1,000 requests,
+and the cores the load generator itself used (near 1.0 it, not the server, is the limit).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Result:
     max_ms: float
     cpu_s_per_1k: float | None
     avg_batch: float | None
+    client_cpu_s_per_1k: float | None = None  # the load generator's own CPU (this process): near 1 core, it is the limit
 
 
 def free_port() -> int:
@@ -202,9 +204,9 @@ def measure(name: str, server: str, url: str, port: int, path: str, x_rows: list
         run = lambda n: drive(port, reqs, n, concurrency)  # noqa: E731
     run(min(200, total))  # warm-up
     before = kiln_stats(url, model) if model else None
-    cpu0 = cpu_seconds(pid)
+    cpu0, client0 = cpu_seconds(pid), time.process_time()
     wall, lat, errors = run(total)
-    cpu = cpu_seconds(pid) - cpu0
+    cpu, client = cpu_seconds(pid) - cpu0, time.process_time() - client0
     avg = None
     if model and before:
         after = kiln_stats(url, model)
@@ -212,7 +214,8 @@ def measure(name: str, server: str, url: str, port: int, path: str, x_rows: list
     lat.sort()
     body = "grpc" if grpc_port is not None else "binary" if binary else "json"
     return Result(name, body, concurrency, server, len(lat), errors, len(lat) / wall, statistics.median(lat) * 1e3,
-                  lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, lat[-1] * 1e3, cpu / len(lat) * 1e3, avg)
+                  lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, lat[-1] * 1e3, cpu / len(lat) * 1e3, avg,
+                  client / len(lat) * 1e3)
 
 
 async def _drive_grpc(port: int, model: str, xs: list[np.ndarray], total: int, concurrency: int) -> tuple[float, list[float], int]:
@@ -363,7 +366,8 @@ def main() -> int:
                     results.append(res)
                     print(f"  {name} {res.body:6s} c={conc:<3d} {server:11s} {res.req_per_s:8.0f} req/s  "
                           f"p50 {res.p50_ms:6.2f}  p99 {res.p99_ms:7.2f}  max {res.max_ms:7.1f} ms  "
-                          f"cpu {res.cpu_s_per_1k or 0:5.2f} s/1k  errors {res.errors}", file=sys.stderr, flush=True)
+                          f"cpu {res.cpu_s_per_1k or 0:5.2f} s/1k  client cpu {res.client_cpu_s_per_1k or 0:5.2f} s/1k  "
+                          f"errors {res.errors}", file=sys.stderr, flush=True)
             finally:
                 stop(proc)
     if args.out:
@@ -374,10 +378,11 @@ def main() -> int:
 
 def print_table(results: list[Result]) -> None:
     print(f"\n{'model':6s} {'load':7s} {'conc':>4s} {'server':11s} | {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s} "
-          f"{'max ms':>7s} {'CPU s/1k':>8s} {'batch':>5s}")
+          f"{'max ms':>7s} {'CPU s/1k':>8s} {'batch':>5s} {'client cores':>12s}")
     for r in results:
         print(f"{r.model:6s} {r.body:7s} {r.concurrency:4d} {r.server:11s} | {r.req_per_s:7.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f} "
-              f"{r.max_ms:7.1f} {r.cpu_s_per_1k or 0:8.2f} {r.avg_batch or 0:5.1f}" + ("  errors!" if r.errors else ""))
+              f"{r.max_ms:7.1f} {r.cpu_s_per_1k or 0:8.2f} {r.avg_batch or 0:5.1f} "
+              f"{(r.client_cpu_s_per_1k or 0) * r.req_per_s / 1e3:12.2f}" + ("  errors!" if r.errors else ""))
     keyed = {(r.model, r.body, r.concurrency, r.server): r for r in results}
     checks = []
 
