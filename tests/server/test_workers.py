@@ -59,11 +59,25 @@ def _metric(text: str, name: str) -> float:
                if line.startswith(name + "{") and 'model="digits"' in line)
 
 
+def _grpc_calls(port: int, channels: int) -> int:
+    """One inference per gRPC channel (each channel is one connection, so one worker); returns how many."""
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    for _ in range(channels):
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+        inp.set_data_from_numpy(x)
+        assert c.infer("digits", [inp], headers={"authorization": f"Bearer {KEY}"}).as_numpy("output").shape == (1, 10)
+        c.close()
+    return channels
+
+
 def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> None:
-    port = free_port()
+    port, gport = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
-                             "--models", "digits", "--api-key", KEY, "--grace-s", "5"],
+                             "--models", "digits", "--api-key", KEY, "--grace-s", "5", "--grpc-port", str(gport)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(url, proc)
@@ -72,7 +86,7 @@ def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> N
         workers = _children(proc.pid)
         assert len(workers) == 2
 
-        sent = _send(url, connections=24, per_connection=5)
+        sent = _send(url, connections=24, per_connection=5) + _grpc_calls(gport, channels=6)  # gRPC shares the port too
         local = _local_counts(url)
         assert len(local) == 2 and sum(local.values()) == sent and min(local.values()) > 0, local  # both served
         stats = httpx.get(f"{url}/v2/models/digits/stats", headers=AUTH, timeout=10)

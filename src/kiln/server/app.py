@@ -81,8 +81,8 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
     def fan_out(request: Request) -> bool:
         return peers is not None and merge.LOCAL not in request.headers
 
-    async def others(request: Request) -> dict[int, Any]:
-        answers: dict[int, Any] = await peers.ask(request.method, request.url.path, request.headers)
+    async def others(request: Request, timeout_s: float = merge.ASK_TIMEOUT_S) -> dict[int, Any]:
+        answers: dict[int, Any] = await peers.ask(request.method, request.url.path, request.headers, timeout_s=timeout_s)
         return answers
 
     def merged(doc: Any, answers: dict[int, Any], status: int = 200) -> Response:
@@ -255,7 +255,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         """Done here: do it on the other workers too (a repository change must hold whichever worker answers)."""
         if not fan_out(request):
             return _json({})
-        answers = await others(request)
+        answers = await others(request, merge.LOAD_TIMEOUT_S)
         failed = merge.first_failure(answers)
         if failed is not None:
             i, error, status = failed

@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 LOCAL = "kiln-worker-local"  # request header: answer for this worker only
 ANSWERED = "kiln-workers"  # response header of a merged answer: "answered/total"
 WORKER = "kiln-worker"  # response header of a local answer (statistics, metrics): which worker gave it
-ASK_TIMEOUT_S = 5.0
+ASK_TIMEOUT_S = 5.0  # readiness, statistics, metrics: a worker that takes longer is reported as not answering
+LOAD_TIMEOUT_S = 3600.0  # repository load: a compile variant takes minutes to load and warm up
 # Gauges whose server-wide value is the workers' sum; any other gauge is kept per worker, labelled worker="i".
 SUMMED_GAUGES = {"kiln_queue_depth", "kiln_in_flight"}
 
@@ -41,7 +42,8 @@ class Peers:
         self.count = count
         self.others = {i: socket_path(rundir, i) for i in range(count) if i != index}
 
-    async def ask(self, method: str, path: str, headers: Mapping[str, str]) -> dict[int, httpx.Response | None]:
+    async def ask(self, method: str, path: str, headers: Mapping[str, str], *,
+                  timeout_s: float = ASK_TIMEOUT_S) -> dict[int, httpx.Response | None]:
         """The same request to every other worker, at once: worker index -> its answer (None: not answering,
         e.g. restarting after a crash)."""
         forward = {k: v for k, v in headers.items() if k.lower() == "authorization"}
@@ -50,7 +52,7 @@ class Peers:
         async def one(path_to: Path) -> httpx.Response | None:
             try:
                 async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path_to)),
-                                             timeout=ASK_TIMEOUT_S) as client:
+                                             timeout=timeout_s) as client:
                     return await client.request(method, "http://kiln" + path, headers=forward)
             except httpx.HTTPError:
                 return None
