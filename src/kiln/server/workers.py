@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from kiln.errors import KilnError
 from kiln.server.peers import Peers, socket_path
@@ -39,9 +40,9 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 
 
-def listen(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` listening sockets on host:port, sharing it through SO_REUSEPORT. The port is first bound without
-    SO_REUSEPORT, so that a port another server holds is refused rather than silently shared with it."""
+def _probe(host: str, port: int, option: str) -> tuple[int, int, int, Any]:
+    """Bind host:port once without SO_REUSEPORT, so that a port another server holds is refused rather than silently
+    shared with it. Returns the family, type, protocol and bound address (port 0 -> the port the system chose)."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
@@ -51,8 +52,14 @@ def listen(host: str, port: int, count: int) -> list[socket.socket]:
         try:
             probe.bind(addr)
         except OSError as e:
-            raise KilnError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pick a free port with --port") from None
-        addr = probe.getsockname()  # port 0 -> the port the system chose
+            what = "listen for gRPC" if option == "--grpc-port" else "listen"
+            raise KilnError(f"cannot {what} on {host}:{port}: {e.strerror}", hint=f"pick a free port with {option}") from None
+        return family, kind, proto, probe.getsockname()
+
+
+def listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` listening sockets on host:port, sharing it through SO_REUSEPORT (the kernel spreads connections)."""
+    family, kind, proto, addr = _probe(host, port, "--port")
     socks = []
     for _ in range(count):
         s = socket.socket(family, kind, proto)
@@ -65,27 +72,17 @@ def listen(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
-def check_free(host: str, port: int) -> None:
-    """Refuse a --grpc-port another process holds (the workers' gRPC servers share it through SO_REUSEPORT)."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(addr)
-        except OSError as e:
-            raise KilnError(f"cannot listen for gRPC on {host}:{port}: {e.strerror}", hint="pick a free port with --grpc-port") from None
-
-
 def share_of_cores(count: int) -> int:
     """Intra-op threads per worker: the cores this process may use, divided among the workers."""
-    return max(1, len(os.sched_getaffinity(0)) // count)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // count)
 
 
 def supervise(settings: Settings, count: int, *, on_listening: object = None) -> int:
     """Run `count` workers until SIGTERM/SIGINT; returns the exit code."""
     socks = listen(settings.host, settings.port, count)
-    if settings.grpc_port is not None:
-        check_free(settings.host, settings.grpc_port)
+    if settings.grpc_port is not None:  # the workers' gRPC servers share it through SO_REUSEPORT
+        _probe(settings.host, settings.grpc_port, "--grpc-port")
     settings.port = socks[0].getsockname()[1]
     settings.defaults = {"threads": share_of_cores(count), **settings.defaults}
     rundir = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
