@@ -187,7 +187,7 @@ def test_serve_exits_non_zero_when_no_model_can_load(hard_repo: Path, tmp_path: 
     err = proc.stderr.read() if proc.stderr else ""
     assert "no model could be loaded" in err and "unexpected files" in err and "Traceback" not in err
     if workers == "2":
-        assert "exited 1; stopping" in err and not _children_alive(proc.pid)
+        assert "could load no model; stopping" in err and not _children_alive(proc.pid)
 
 
 def _children_alive(pid: int) -> bool:

@@ -7,10 +7,10 @@ server: its own models, batcher and runtimes (memory times N; each runtime gets 
 gRPC listener on --grpc-port (gRPC binds with SO_REUSEPORT too). The workers answer as one server where it
 matters: see kiln.server.peers.
 
-The supervisor restarts a worker that dies (a crash, the OOM killer), holding its socket meanwhile so that
-connections wait in its backlog rather than being refused; it gives up when workers die more than
-MAX_RESTARTS times in RESTART_WINDOW_S. A worker that exits 1 (no model could be loaded) stops the server with
-exit code 1, as a single process does. SIGTERM/SIGINT are passed on: every worker drains (--grace-s) and the
+The supervisor restarts a worker that dies (a crash, an uncaught exception, the OOM killer), holding its socket
+meanwhile so that connections wait in its backlog rather than being refused; it gives up when workers die more than
+MAX_RESTARTS times in RESTART_WINDOW_S. A worker that could load no model exits NO_MODEL, which stops the server
+with exit code 1, as a single process does. SIGTERM/SIGINT are passed on: every worker drains (--grace-s) and the
 supervisor exits 0 when they all did.
 """
 
@@ -36,6 +36,7 @@ from kiln.server.peers import Peers, socket_path
 from kiln.server.run import BACKLOG, EXIT_MARGIN_S, Settings, serve
 
 ENV = "KILN_SERVE_WORKER"  # the worker's settings, as JSON (in the environment: the API key stays out of argv)
+NO_MODEL = 78  # a worker's exit code for "no model could be loaded" (EX_CONFIG): the server stops, as one process does
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 
@@ -120,8 +121,8 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
                 rc = p.poll()
                 if rc is None or state["stopping"]:
                     continue
-                if rc == 1:  # the worker's own verdict (no model could be loaded): the others would say the same
-                    print(f"kiln serve: worker {i} exited 1; stopping", file=sys.stderr, flush=True)
+                if rc == NO_MODEL:  # the worker's own verdict: the others would say the same
+                    print(f"kiln serve: worker {i} could load no model; stopping", file=sys.stderr, flush=True)
                     code = 1
                     state["stopping"] = True
                     stop_all()
@@ -173,7 +174,8 @@ def worker_main() -> int:
         import torch
 
         torch.set_num_threads(int(threads))  # torch's intra-op pool is per process: this worker's share
-    return serve(settings, sockets=[tcp, uds], peers=Peers(doc["rundir"], doc["index"], doc["count"]))
+    code = serve(settings, sockets=[tcp, uds], peers=Peers(doc["rundir"], doc["index"], doc["count"]))
+    return NO_MODEL if code == 1 else code  # 1 is also what an uncaught exception exits with: that one is restarted
 
 
 if __name__ == "__main__":
