@@ -26,12 +26,13 @@ integer inputs take a value range for synthetic data: 'ids:int64[batch,seq]@0..9
 
 _SERVE_EXAMPLE = """example:
   kiln serve models/ --port 8000 --max-batch-size 32 --max-delay-ms 2
+  kiln serve models/ --workers 4           # four processes on one port, answering as one server
   curl -s localhost:8000/v2/models/digits
   curl -s localhost:8000/v2/models/digits/infer -d '{"inputs":[{"name":"image","datatype":"FP32",
        "shape":[1,1,8,8],"data":[0,0,0,...]}]}'
 
 Per-model settings live in models/<name>/config.toml (max_batch_size, max_delay_ms,
-preferred_batch_sizes, max_queue_size, timeout_ms, instances, devices, version, variant);
+preferred_batch_sizes, max_queue_size, timeout_ms, instances, devices, threads, version, variant);
 the options below override them for every model."""
 
 _BENCH_EXAMPLE = """examples:
