@@ -85,8 +85,8 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         answers: dict[int, Any] = await peers.ask(request.method, request.url.path, request.headers, timeout_s=timeout_s)
         return answers
 
-    def merged(doc: Any, answers: dict[int, Any], status: int = 200) -> Response:
-        r = _json(doc, status)
+    def merged(r: Response, answers: dict[int, Any]) -> Response:
+        """A merged answer says how many workers took part."""
         r.headers[merge.ANSWERED] = merge.answered(answers, peers.count)
         return r
 
@@ -150,7 +150,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         if fan_out(request):
             answers = await others(request)
             doc = merge.merge_ready(doc, peers.index, answers)
-            return merged(doc, answers, 200 if doc["ready"] else 503)
+            return merged(_json(doc, 200 if doc["ready"] else 503), answers)
         return _json(doc, 200 if ok else 503)
 
     @app.get("/v2", tags=["metadata"])
@@ -166,7 +166,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         if fan_out(request):
             answers = await others(request)
             docs = [doc] + [r.json() for r in answers.values() if r is not None and r.status_code == 200]
-            return merged(merge.merge_statistics(docs), answers)
+            return merged(_json(merge.merge_statistics(docs)), answers)
         return local(_json(doc))
 
     def local(r: Response) -> Response:
@@ -187,7 +187,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         if fan_out(request):
             answers = await others(request)
             ok = m.ready and all(r is not None and r.status_code == 200 for r in answers.values())
-            return merged({"name": model, "ready": ok}, answers, 200 if ok else 503)
+            return merged(_json({"name": model, "ready": ok}, 200 if ok else 503), answers)
         return _json({"name": model, "ready": m.ready}, 200 if m.ready else 503)
 
     @app.get("/v2/models/{model}/config", tags=["metadata"])
@@ -207,7 +207,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         doc = plane.fidelity(model, version)
         if fan_out(request):
             answers = await others(request)
-            return merged(merge.merge_fidelity(doc, peers.index, answers), answers)
+            return merged(_json(merge.merge_fidelity(doc, peers.index, answers)), answers)
         return _json(doc)
 
     @app.post("/v2/models/{model}/infer", tags=["inference"], openapi_extra=_INFER_BODY)
@@ -260,7 +260,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
         if failed is not None:
             i, error, status = failed
             raise BadRequest(f"worker {i} of {peers.count}: {error}", status if status >= 400 else 500)
-        return merged({}, answers)
+        return merged(_json({}), answers)
 
     @app.get("/metrics", tags=["metrics"])
     async def metrics(request: Request) -> Response:
@@ -269,9 +269,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
             answers = await others(request)
             texts = {peers.index: text.decode()} | {i: r.text for i, r in answers.items()
                                                     if r is not None and r.status_code == 200}
-            r = Response(merge.merge_metrics(texts), media_type="text/plain; version=0.0.4")
-            r.headers[merge.ANSWERED] = merge.answered(answers, peers.count)
-            return r
+            return merged(Response(merge.merge_metrics(texts), media_type="text/plain; version=0.0.4"), answers)
         return local(Response(text, media_type="text/plain; version=0.0.4"))
 
     endpoint = InferEndpoint(plane, max_body_bytes)
