@@ -7,7 +7,7 @@ REPO ?= models
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-runtimes install clean browser lint
+.PHONY: demo test test-runtimes install clean browser lint perf-analyzer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,24 @@ browser:
 		echo "installing Debian's chromium for the HTML report test"; \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# Triton's load generator, for the test that runs it against kiln (it skips, saying why, when this could not install).
+# The binary ships only in the tritonclient 2.41 wheel; it links Debian's libb64 and the CUDA runtime library (from
+# PyPI, 9 MB; nothing runs on a GPU). .venv/bin/perf_analyzer is a wrapper that finds that library.
+PA_HOME := $(VENV)/perf_analyzer
+perf-analyzer: | $(BIN)/python
+	@[ -x $(BIN)/perf_analyzer ] || { \
+		{ ldconfig -p | grep -q libb64.so.0d || { $(SUDO) apt-get update -qq && \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null; }; } && \
+		rm -rf $(PA_HOME) && mkdir -p $(PA_HOME)/wheel && \
+		$(BIN)/python -m pip download -q --no-deps -d $(PA_HOME)/wheel tritonclient==2.41.0 && \
+		$(BIN)/python -m pip install -q --no-deps --target $(PA_HOME)/cudart nvidia-cuda-runtime-cu12 && \
+		$(BIN)/python -c "import zipfile,glob,sys; z=zipfile.ZipFile(glob.glob(sys.argv[1]+'/wheel/*.whl')[0]); \
+			open(sys.argv[1]+'/perf_analyzer','wb').write(z.read('tritonclient-2.41.0.data/data/bin/perf_analyzer'))" $(PA_HOME) && \
+		rm -rf $(PA_HOME)/wheel && chmod +x $(PA_HOME)/perf_analyzer && \
+		printf '#!/bin/sh\nhere=$$(dirname "$$(readlink -f "$$0")")/../perf_analyzer\nLD_LIBRARY_PATH="$$here/cudart/nvidia/cuda_runtime/lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "$$here/perf_analyzer" "$$@"\n' > $(BIN)/perf_analyzer && \
+		chmod +x $(BIN)/perf_analyzer && $(BIN)/perf_analyzer --version >/dev/null; \
+	} || { rm -f $(BIN)/perf_analyzer; echo "perf_analyzer not installed (its test will skip)"; }
+
 # Lint and type gates first (seconds), then the suite.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
@@ -40,7 +58,7 @@ lint: $(STAMP)
 
 # The suite (under 10 minutes on 2 cores), then the optional runtimes' tests (OpenVINO, ExecuTorch, TVM tuning,
 # ONNX import, MindSpore when KILN_MINDSPORE_PYTHON names a python with it), a few minutes more.
-test: $(STAMP) browser lint
+test: $(STAMP) browser perf-analyzer lint
 	$(BIN)/python -m pytest -q -m "not runtimes"
 	$(MAKE) --no-print-directory test-runtimes
 

@@ -56,6 +56,10 @@ def test_tritonclient_grpc_infer_matches_http(both: tuple[ServerThread, str]) ->
     np.testing.assert_allclose(logits.ravel(), http["outputs"][0]["data"], rtol=1e-6)
     stats = httpx.get(f"{server.url}/v2/models/digits/stats", headers=AUTH).json()["model_stats"][0]
     assert stats["inference_stats"]["success"]["count"] >= 2  # both protocols counted by one data plane
+    g = c.get_inference_statistics("digits", headers=AUTH, as_json=True)["model_stats"][0]  # Triton's extension
+    assert int(g["inference_count"]) == stats["inference_count"] and int(g["execution_count"]) == stats["execution_count"]
+    assert g["inference_stats"]["compute_infer"]["count"] == str(stats["inference_stats"]["compute_infer"]["count"])
+    assert [b["batch_size"] for b in g["batch_stats"]] == [str(b["batch_size"]) for b in stats["batch_stats"]]
 
 
 def test_grpc_refuses_what_http_refuses(both: tuple[ServerThread, str]) -> None:

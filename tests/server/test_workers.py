@@ -73,6 +73,16 @@ def _grpc_calls(port: int, channels: int) -> int:
     return channels
 
 
+def _grpc_statistics(port: int) -> dict[str, object]:
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    doc: dict[str, object] = c.get_inference_statistics("digits", headers={"authorization": f"Bearer {KEY}"},
+                                                         as_json=True)["model_stats"][0]
+    c.close()
+    return doc
+
+
 def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> None:
     port, gport = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
@@ -94,6 +104,7 @@ def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> N
         assert stats.headers["kiln-workers"] == "2/2" and s["inference_count"] == sent
         assert s["inference_stats"]["success"]["count"] == sent
         assert sum(b["compute_infer"]["count"] for b in s["batch_stats"]) == s["execution_count"]
+        assert _grpc_statistics(gport)["inference_count"] == str(sent)  # gRPC's statistics are the whole server's too
         text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
         assert _metric(text, "kiln_request_success_total") == sent
         assert _metric(text, "kiln_in_flight") == 0

@@ -101,7 +101,7 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
             from kiln.server import grpc_service
 
             grpc_server = await grpc_service.start(plane, port=grpc_port, host=grpc_host, api_key=api_key,
-                                                   max_message_bytes=max_body_bytes)
+                                                   max_message_bytes=max_body_bytes, peers=peers)
         if not load_in_background:
             await task
         yield

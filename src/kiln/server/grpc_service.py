@@ -40,9 +40,14 @@ def _code(grpc: Any, status: int) -> Any:
             504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(status, grpc.StatusCode.INTERNAL)
 
 
-def make_servicer(plane: DataPlane, *, api_key: str | None = None) -> Any:
-    """The GRPCInferenceService implementation over `plane`."""
+def make_servicer(plane: DataPlane, *, api_key: str | None = None, peers: Any = None) -> Any:
+    """The GRPCInferenceService implementation over `plane`. With `peers` (one worker of `kiln serve --workers
+    N`), ModelStatistics answers for the whole server, as HTTP's statistics do."""
     grpc, pb, pb_grpc, mc = _modules()
+    from google.protobuf import json_format
+
+    from kiln.server import peers as merge
+
     expected = api_key.encode() if api_key else None
 
     class Service(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[name-defined]
@@ -103,6 +108,21 @@ def make_servicer(plane: DataPlane, *, api_key: str | None = None) -> Any:
                 return pb.ModelConfigResponse(config=config)
             return await self._guard(context, call)
 
+        async def ModelStatistics(self, request: Any, context: Any) -> Any:
+            """Triton's statistics extension (what perf_analyzer reads after a run), the HTTP document's fields."""
+            async def call() -> Any:
+                name, version = request.name or None, request.version or None
+                doc = plane.statistics(name, version)
+                if peers is not None:
+                    path = "/v2/models/stats" if name is None else (
+                        f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/stats")
+                    meta = {k: v for k, v in (context.invocation_metadata() or ()) if k == "authorization"}
+                    answers = await peers.ask("GET", path, meta)
+                    doc = merge.merge_statistics([doc] + [r.json() for r in answers.values()
+                                                          if r is not None and r.status_code == 200])
+                return json_format.ParseDict(doc, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+            return await self._guard(context, call)
+
         async def ModelInfer(self, request: Any, context: Any) -> Any:
             async def call() -> Any:
                 doc, tail = _request_doc(request)
@@ -154,12 +174,12 @@ def _request_doc(request: Any) -> tuple[dict[str, Any], memoryview]:
 
 
 async def start(plane: DataPlane, *, port: int, host: str = "127.0.0.1", api_key: str | None = None,
-                max_message_bytes: int = 64 << 20) -> Any:
+                max_message_bytes: int = 64 << 20, peers: Any = None) -> Any:
     """Start the gRPC server on the running event loop; stop it with `await server.stop(grace_s)`."""
     grpc, _, pb_grpc, _ = _modules()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(make_servicer(plane, api_key=api_key), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(make_servicer(plane, api_key=api_key, peers=peers), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise KilnError(f"cannot listen for gRPC on {host}:{port}", hint="pick a free port with --grpc-port")
     await server.start()
