@@ -43,6 +43,7 @@ import kiln  # noqa: E402
 from kiln.predict import predict  # noqa: E402
 
 VARIANT = "eager/fp16+bnfold+channels_last+cudagraphs"
+SPINCOUNT = ""  # --gomp-spincount
 
 
 def build(work: Path) -> Path:
@@ -109,6 +110,8 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
         cmd += ["--device", d]
     log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    if SPINCOUNT:  # OpenMP's spin after a parallel region: 300000 is libgomp's own default (kiln's workers use 0)
+        env["GOMP_SPINCOUNT"] = SPINCOUNT
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     try:
         deadline = time.monotonic() + 300
@@ -149,7 +152,11 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=8, help="predict's DataLoader workers (default: 8)")
     p.add_argument("--serve-workers", default="1,8", help="kiln serve --workers counts, comma-separated (default: 1,8)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: alone, predict")
+    p.add_argument("--gomp-spincount", default="", help="GOMP_SPINCOUNT for the servers: 300000 is libgomp's default "
+                   "spin, which kiln's workers turn off (OMP_WAIT_POLICY=PASSIVE); for an A/B")
     args = p.parse_args()
+    global SPINCOUNT
+    SPINCOUNT = args.gomp_spincount
     skip = set(filter(None, args.skip.split(",")))
     n = torch.cuda.device_count()
     if n < 2:
@@ -157,7 +164,8 @@ def main() -> int:
         return 2
     one, two = ["cuda:0"], ["cuda:0", "cuda:1"]
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-multigpu-"))
-    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "gpus": n, "variant": VARIANT}
+    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "gpus": n, "variant": VARIANT,
+                               "gomp_spincount": SPINCOUNT or "0 (kiln's workers: OMP_WAIT_POLICY=PASSIVE)"}
     t0 = time.perf_counter()
     path = build(work)
     results["build_s"] = time.perf_counter() - t0
@@ -195,7 +203,8 @@ def main() -> int:
             continue
         label = f"serve --workers {w}, {images} img/request, c={s1['clients']}, img/s"
         print(f"{label:52} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
-              f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, errors "
+              f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, CPU ms/request "
+              f"{1e3 * s1['server_cpu_cores'] / s1['req_per_s']:.2f} / {1e3 * s2['server_cpu_cores'] / s2['req_per_s']:.2f}, errors "
               f"{s1['errors']}/{s2['errors']})")
     save()
     return 0
