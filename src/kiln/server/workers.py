@@ -5,9 +5,9 @@ supervisor (this module, in the `kiln serve` process) binds N listening sockets 
 so the kernel spreads connections over them, and starts one worker process per socket. Each worker is a whole
 server: its own models, batcher and runtimes (memory times N; each runtime gets its share of the cores), its own
 gRPC listener on --grpc-port (gRPC binds with SO_REUSEPORT too). Workers start with OMP_WAIT_POLICY=PASSIVE
-unless it is set: OpenMP's default keeps a worker's torch threads spinning after every parallel region (a batch's
-copies), burning the cores the other workers' front ends need (WORKER_ENV says what it measured). The workers answer as one server where it
-matters: see kiln.server.peers.
+unless it is set: by default libgomp keeps a worker's torch threads spinning for about 3 ms after every parallel
+region (a batch's copies), burning the cores the other workers' front ends need (see WORKER_ENV). The workers
+answer as one server where it matters: see kiln.server.peers.
 
 The supervisor restarts a worker that dies (a crash, an uncaught exception, the OOM killer), holding its socket
 meanwhile so that connections wait in its backlog rather than being refused; it gives up when workers die more than
@@ -37,8 +37,10 @@ from kiln.errors import KilnError
 from kiln.server.peers import Peers, socket_path
 from kiln.server.run import BACKLOG, EXIT_MARGIN_S, Settings, serve
 
-# Measured with 8 workers of ResNet-50 on one H200 (32 cores; binary requests from 8 load processes): server CPU
-# per request 4.6 -> 2.2 ms (1 image) and 38.7 -> 21.5 ms (16 images), throughput within run-to-run noise.
+# Measured with 8 workers of ResNet-50 on one H200 of two (bench/multigpu.py --serve-workers 8, against the same with
+# --gomp-spincount 300000, libgomp's default): server CPU per request 4.68 -> 2.26 ms at one image per request and
+# 37.2 -> 22.4 ms at 16 images; img/s 4,022 -> 3,951 and 7,533 -> 6,911 on one GPU, 2,702 -> 4,056 and
+# 8,026 -> 7,634 on two.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 ENV = "KILN_SERVE_WORKER"  # the worker's settings, as JSON (in the environment: the API key stays out of argv)
 NO_MODEL = 78  # a worker's exit code for "no model could be loaded" (EX_CONFIG): the server stops, as one process does
@@ -97,8 +99,8 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         doc = {"settings": asdict(settings), "index": i, "count": count, "fd": socks[i].fileno(), "rundir": str(rundir)}
-        return subprocess.Popen([sys.executable, "-m", "kiln.server.workers"], env={**WORKER_ENV, **os.environ, ENV: json.dumps(doc)},
-                                pass_fds=[socks[i].fileno()])
+        return subprocess.Popen([sys.executable, "-m", "kiln.server.workers"],
+                                env={**WORKER_ENV, **os.environ, ENV: json.dumps(doc)}, pass_fds=[socks[i].fileno()])
 
     procs = [spawn(i) for i in range(count)]
     state = {"stopping": False, "forced": False}
