@@ -15,7 +15,9 @@ net on 3x128x128 (--models a,b,c). Each server runs in its own process; this pro
 grpc.aio with tritonclient's protos). CPU seconds per 1,000 requests are the server's process tree's (utime+stime
 from /proc), so Triton's python-backend stub counts. kiln serves the variant its build selected; `kiln+shadow` is
 the same with drift watch at --shadow-rate 0.01. Prints one table: req/s, p50, p99, max, CPU s per 1,000 requests,
-and the cores the load generator itself used (near 1.0 it, not the server, is the limit).
+and the cores the load generator itself used (near 1.0 it, not the server, is the limit). Where Triton's
+perf_analyzer is installed (`make perf-analyzer`), kiln and Triton are also driven by it at c=64 over HTTP (binary
+tensors) and gRPC: rows pa-http and pa-grpc.
 """
 
 from __future__ import annotations
@@ -218,6 +220,42 @@ def measure(name: str, server: str, url: str, port: int, path: str, x_rows: list
                   client / len(lat) * 1e3)
 
 
+def perf_analyzer() -> str | None:
+    """Triton's perf_analyzer (`make perf-analyzer` puts it in .venv/bin), or None."""
+    return shutil.which("perf_analyzer", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def measure_pa(name: str, server: str, url: str, protocol: str, port: int, x_rows: list[np.ndarray], concurrency: int,
+               pid: int) -> Result:
+    """The same model and concurrency driven by Triton's own load generator (C++; HTTP sends binary tensors):
+    req/s, p50 and p99 of its last stable window; CPU per request over the whole run, from the server's own count
+    and batch size from the server's own counts (the statistics extension, which both servers speak); client cores
+    are perf_analyzer's. perf_analyzer reports no maximum latency."""
+    import csv
+    import resource
+
+    work = Path(tempfile.mkdtemp(prefix="kiln-pa-"))
+    report, data = work / "report.csv", work / "data.json"
+    # The same rows as the other loads: perf_analyzer's own random bytes make NaNs, which kiln refuses (400).
+    data.write_text(json.dumps({"data": [{"image": {"content": x.ravel().tolist(), "shape": list(x.shape[1:])}}
+                                         for x in x_rows]}))
+    cmd = [str(perf_analyzer()), "-m", name, "-u", f"127.0.0.1:{port}", "-i", protocol, "--concurrency-range",
+           str(concurrency), "--input-data", str(data), "-p", "3000", "-f", str(report)]
+    before = kiln_stats(url, name)
+    cpu0, client0 = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    client1, cpu, after = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(pid) - cpu0, kiln_stats(url, name)
+    n, batches = after[0] - before[0], after[1] - before[1]
+    if p.returncode != 0 or not report.exists():
+        print(f"  perf_analyzer failed against {server}: {(p.stdout + p.stderr)[-800:]}", file=sys.stderr)
+        return Result(name, f"pa-{protocol}", concurrency, server, n, 1, 0.0, 0.0, 0.0, 0.0, None, None)
+    row = next(csv.DictReader(report.open()))
+    client = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
+    return Result(name, f"pa-{protocol}", concurrency, server, n, 0, float(row["Inferences/Second"]),
+                  int(row["p50 latency"]) / 1e3, int(row["p99 latency"]) / 1e3, float("nan"), cpu / max(1, n) * 1e3,
+                  n / max(1, batches), client / max(1, n) * 1e3)
+
+
 async def _drive_grpc(port: int, model: str, xs: list[np.ndarray], total: int, concurrency: int) -> tuple[float, list[float], int]:
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -286,6 +324,7 @@ def start_triton(python: str, work: Path, name: str, shape: tuple[int, ...], ts:
 
 
 LOADS = (("json", 1), ("json", 8), ("json", 64), ("binary", 1), ("binary", 64), ("grpc", 64))
+PA_LOADS = (("http", 64), ("grpc", 64))  # with perf_analyzer, kiln and Triton only (the baseline has no v2 gRPC)
 
 
 def main() -> int:
@@ -368,8 +407,18 @@ def main() -> int:
                           f"p50 {res.p50_ms:6.2f}  p99 {res.p99_ms:7.2f}  max {res.max_ms:7.1f} ms  "
                           f"cpu {res.cpu_s_per_1k or 0:5.2f} s/1k  client cpu {res.client_cpu_s_per_1k or 0:5.2f} s/1k  "
                           f"errors {res.errors}", file=sys.stderr, flush=True)
+                if server != "baseline" and server != "kiln+shadow" and perf_analyzer() is not None:
+                    for protocol, conc in PA_LOADS:
+                        res = measure_pa(name, server, url, protocol, port if protocol == "http" else gport, xs,
+                                         conc, proc.pid)
+                        results.append(res)
+                        print(f"  {name} {res.body:7s} c={conc:<3d} {server:11s} {res.req_per_s:8.0f} req/s  "
+                              f"p50 {res.p50_ms:6.2f}  p99 {res.p99_ms:7.2f} ms  cpu {res.cpu_s_per_1k or 0:5.2f} s/1k",
+                              file=sys.stderr, flush=True)
             finally:
                 stop(proc)
+    if perf_analyzer() is None:
+        print("perf_analyzer not found (make perf-analyzer installs it): its rows are left out", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps([asdict(r) for r in results], indent=2))
     print_table(results)
@@ -401,6 +450,8 @@ def print_table(results: list[Result]) -> None:
     vs("json", 64, "triton", 1.5, True)
     vs("binary", 64, "triton", 2.0, True)
     vs("grpc", 64, "triton", 1.0, False)
+    vs("pa-http", 64, "triton", 1.0, False)
+    vs("pa-grpc", 64, "triton", 1.0, False)
     vs("json", 1, "baseline", 1.0, False)
     for server in kilns:
         b64 = keyed.get(("tiny", "binary", 64, server))
