@@ -48,7 +48,7 @@ perf-analyzer: | $(BIN)/python
 			open(sys.argv[1]+'/perf_analyzer','wb').write(z.read('tritonclient-2.41.0.data/data/bin/perf_analyzer'))" $(PA_HOME) && \
 		rm -rf $(PA_HOME)/wheel && chmod +x $(PA_HOME)/perf_analyzer && \
 		printf '#!/bin/sh\nhere=$$(dirname "$$(readlink -f "$$0")")/../perf_analyzer\nLD_LIBRARY_PATH="$$here/cudart/nvidia/cuda_runtime/lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "$$here/perf_analyzer" "$$@"\n' > $(BIN)/perf_analyzer && \
-		chmod +x $(BIN)/perf_analyzer && $(BIN)/perf_analyzer --version >/dev/null; \
+		chmod +x $(BIN)/perf_analyzer && $(BIN)/perf_analyzer --version >/dev/null 2>&1; \
 	} || { rm -f $(BIN)/perf_analyzer; echo "perf_analyzer not installed (its test will skip)"; }
 
 # Lint and type gates first (seconds), then the suite.
