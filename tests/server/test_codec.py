@@ -94,3 +94,39 @@ def test_nan_policy_and_binary_sizes() -> None:
     bad = head.replace(b"16", b"12")
     with pytest.raises(BadRequest, match="needs 16 bytes"):
         decode(bad + x.tobytes()[:12], str(len(bad)))
+
+
+BIG = [TensorSpec("image", "float32", ("batch", 1024))]
+
+
+@pytest.mark.parametrize("data", [
+    "floats", "ints", "mixed", "nested", "bools", "strings", "nulls", "ragged", "one-number arrays",
+])
+def test_large_json_bodies_decode_as_orjson_would(monkeypatch: pytest.MonkeyPatch, data: str) -> None:
+    """Bodies past FAST_JSON_BYTES take simdjson's path (floats straight into numpy): same arrays, same refusals."""
+    from kiln.server import codec
+
+    x = np.random.default_rng(0).standard_normal((2, 1024))
+    values: object = {"floats": x.ravel().tolist(), "ints": list(range(2048)), "mixed": [1, *x.ravel()[1:].tolist()],
+                      "nested": x.tolist(), "bools": [True] * 2048, "strings": ["1.0"] * 2048, "nulls": [None] * 2048,
+                      "ragged": [x[0].tolist(), x[1, :10].tolist()],
+                      "one-number arrays": [[v] for v in x.ravel().tolist()]}[data]
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "FP64", "shape": [2, 1024], "data": values}],
+                       "id": "r", "parameters": {"binary_data_output": False}}).encode()
+    assert len(body) > codec.FAST_JSON_BYTES
+
+    def outcome() -> object:
+        doc, tail = split_body(body, None)
+        try:
+            d = decode_request(doc, tail, BIG, OUT, batched=True)
+        except BadRequest as e:
+            return str(e)
+        return d.arrays[0].tobytes(), d.id, d.rows
+
+    if codec.simdjson is None:
+        pytest.skip("pysimdjson is not installed: only orjson's path exists")
+    took_fast = isinstance(split_body(body, None)[0]["inputs"][0]["data"], np.ndarray)
+    assert took_fast == (data in ("floats", "ints", "mixed"))  # flat arrays of numbers only
+    fast = outcome()
+    monkeypatch.setattr(codec, "simdjson", None)
+    assert fast == outcome()
