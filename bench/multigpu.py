@@ -11,7 +11,8 @@ with one GPU and with two, in the same run:
 2. `kiln predict` over .npy files of images (--device cuda:0, then cuda:0,cuda:1), batch 256, DataLoader workers,
    img/s including reading, pinned copies, writing;
 3. `kiln serve --device cuda:0 [--device cuda:1]`, binary KServe v2 requests of one image and of 16 images from
-   several load-generator processes on the same machine, req/s and img/s, with the server's CPU seconds; with one
+   several load-generator processes on the same machine, req/s and img/s, with the server's CPU and the load
+   generator's own (both on the same cores: where the server is not short of CPU, the client may be); with one
    server process and with `--workers N` (--serve-workers 1,8: each worker has its own runner on every device).
 
 Target (issue): two GPUs >= 1.8x one GPU for binary requests at high concurrency. Where the front end is the
@@ -91,12 +92,14 @@ def predict_rate(path: Path, files: list[Path], out: Path, device: str, workers:
     return s.items / s.elapsed_s
 
 
-def _load(args: tuple[int, bytes, int, int, int]) -> tuple[float, int, int]:
+def _load(args: tuple[int, bytes, int, int, int]) -> tuple[float, int, int, float]:
+    """One load-generator process: (seconds, requests answered, errors, its own CPU seconds)."""
     port, req, total, conc, images = args
     from serve import drive
 
+    cpu0 = time.process_time()
     elapsed, lat, errors = drive(port, [req], total, conc)
-    return elapsed, len(lat), errors
+    return elapsed, len(lat), errors, time.process_time() - cpu0
 
 
 def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
@@ -134,10 +137,11 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
                 res = pool.map(_load, [(port, req, total // procs, conc, images)] * procs)
                 wall = time.perf_counter() - t0
                 cpu = cpu_seconds(proc.pid) - cpu0
-            done = sum(n for _, n, _ in res)
+            done = sum(r[1] for r in res)
             out.append({"devices": devices, "workers": workers, "images_per_request": images, "clients": procs * conc,
-                        "requests": done, "errors": sum(e for _, _, e in res), "req_per_s": done / wall,
-                        "img_per_s": done * images / wall, "server_cpu_cores": cpu / wall})
+                        "requests": done, "errors": sum(r[2] for r in res), "req_per_s": done / wall,
+                        "img_per_s": done * images / wall, "server_cpu_cores": cpu / wall,
+                        "client_cpu_cores": sum(r[3] for r in res) / wall})
             print(f"serve: {out[-1]}", file=sys.stderr, flush=True)
         return out
     finally:
@@ -204,7 +208,8 @@ def main() -> int:
         label = f"serve --workers {w}, {images} img/request, c={s1['clients']}, img/s"
         print(f"{label:52} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
               f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, CPU ms/request "
-              f"{1e3 * s1['server_cpu_cores'] / s1['req_per_s']:.2f} / {1e3 * s2['server_cpu_cores'] / s2['req_per_s']:.2f}, errors "
+              f"{1e3 * s1['server_cpu_cores'] / s1['req_per_s']:.2f} / {1e3 * s2['server_cpu_cores'] / s2['req_per_s']:.2f}, "
+              f"load generator cores {s1.get('client_cpu_cores', 0):.2f} / {s2.get('client_cpu_cores', 0):.2f}, errors "
               f"{s1['errors']}/{s2['errors']})")
     save()
     return 0
