@@ -228,9 +228,9 @@ def perf_analyzer() -> str | None:
 def measure_pa(name: str, server: str, url: str, protocol: str, port: int, x_rows: list[np.ndarray], concurrency: int,
                pid: int) -> Result:
     """The same model and concurrency driven by Triton's own load generator (C++; HTTP sends binary tensors):
-    req/s, p50 and p99 of its last stable window; CPU per request over the whole run, from the server's own count
-    and batch size from the server's own counts (the statistics extension, which both servers speak); client cores
-    are perf_analyzer's. perf_analyzer reports no maximum latency."""
+    req/s, p50 and p99 of its last stable window; CPU per request and batch size over the whole run, from the
+    server's own counts (the statistics extension, which both servers speak); client cores are perf_analyzer's.
+    perf_analyzer reports no maximum latency."""
     import csv
     import resource
 
