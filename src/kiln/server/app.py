@@ -164,9 +164,8 @@ def create_app(plane: DataPlane, *, api_key: str | None = None, max_body_bytes: 
     async def stats_of(request: Request, model: str | None, version: str | None) -> Response:
         doc = plane.statistics(model, version)
         if fan_out(request):
-            answers = await others(request)
-            docs = [doc] + [r.json() for r in answers.values() if r is not None and r.status_code == 200]
-            return merged(_json(merge.merge_statistics(docs)), answers)
+            doc, answers = await peers.statistics(doc, request.url.path, request.headers)
+            return merged(_json(doc), answers)
         return local(_json(doc))
 
     def local(r: Response) -> Response:

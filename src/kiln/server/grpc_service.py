@@ -46,8 +46,6 @@ def make_servicer(plane: DataPlane, *, api_key: str | None = None, peers: Any = 
     grpc, pb, pb_grpc, mc = _modules()
     from google.protobuf import json_format
 
-    from kiln.server import peers as merge
-
     expected = api_key.encode() if api_key else None
 
     class Service(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[name-defined]
@@ -117,9 +115,7 @@ def make_servicer(plane: DataPlane, *, api_key: str | None = None, peers: Any = 
                     path = "/v2/models/stats" if name is None else (
                         f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/stats")
                     meta = {k: v for k, v in (context.invocation_metadata() or ()) if k == "authorization"}
-                    answers = await peers.ask("GET", path, meta)
-                    doc = merge.merge_statistics([doc] + [r.json() for r in answers.values()
-                                                          if r is not None and r.status_code == 200])
+                    doc, _ = await peers.statistics(doc, path, meta)
                 return json_format.ParseDict(doc, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
             return await self._guard(context, call)
 

@@ -60,6 +60,13 @@ class Peers:
         answers = await asyncio.gather(*(one(p) for p in self.others.values()))
         return dict(zip(self.others, answers))
 
+    async def statistics(self, doc: dict[str, Any], path: str, headers: Mapping[str, str]
+                         ) -> tuple[dict[str, Any], dict[int, httpx.Response | None]]:
+        """This worker's statistics document (of `path`) merged with the other workers': the whole server's."""
+        answers = await self.ask("GET", path, headers)
+        docs = [doc] + [r.json() for r in answers.values() if r is not None and r.status_code == 200]
+        return merge_statistics(docs), answers
+
 
 def merge_statistics(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """KServe v2 statistics of several workers -> one document: counts and times summed per model and version,
