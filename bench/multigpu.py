@@ -12,8 +12,10 @@ with one GPU and with two, in the same run:
    img/s including reading, pinned copies, writing;
 3. `kiln serve --device cuda:0 [--device cuda:1]`, binary KServe v2 requests of one image and of 16 images from
    several load-generator processes on the same machine, req/s and img/s, with the server's CPU and the load
-   generator's own (both on the same cores: where the server is not short of CPU, the client may be); with one
-   server process and with `--workers N` (--serve-workers 1,8: each worker has its own runner on every device).
+   generator's own (both on the same cores: where the server is not short of CPU, the client may be), the busiest
+   thread of the server (one near 1.0 core is an event loop at its limit) and each GPU's utilization (nvidia-smi);
+   with one server process and with `--workers N` (--serve-workers 1,8), on two GPUs each worker with a runner on
+   every device (--worker-devices share) and/or worker i on GPU i mod 2 (split).
 
 Target (issue): two GPUs >= 1.8x one GPU for binary requests at high concurrency. Where the front end is the
 bottleneck, the model-alone row shows what the GPUs could do and the server's CPU use shows where the time went.
@@ -25,6 +27,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,7 +105,60 @@ def _load(args: tuple[int, bytes, int, int, int]) -> tuple[float, int, int, floa
     return elapsed, len(lat), errors, time.process_time() - cpu0
 
 
-def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
+def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds of every thread of a process and its children, keyed by (pid, tid)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for proc in [pid, *children(pid)]:
+        for t in Path(f"/proc/{proc}/task").glob("*"):
+            try:
+                f = (t / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[(proc, int(t.name))] = (int(f[11]) + int(f[12])) / tick
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of a process (the workers of `kiln serve --workers N`), from /proc."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in tree} - tree
+        grew = bool(more)
+        tree |= more
+    return sorted(tree - {pid})
+
+
+class GpuSampler:
+    """Each GPU's utilization (percent of time a kernel ran), sampled by nvidia-smi every 100 ms while running."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) \
+            if shutil.which("nvidia-smi") else None
+
+    def stop(self) -> dict[str, float]:
+        if self.proc is None:
+            return {}
+        self.proc.terminate()
+        text, _ = self.proc.communicate(timeout=10)
+        seen: dict[str, list[float]] = {}
+        for line in text.splitlines():
+            index, _, util = line.partition(",")
+            if util.strip().isdigit():
+                seen.setdefault(index.strip(), []).append(float(util))
+        return {k: sum(v) / len(v) for k, v in seen.items()}
+
+
+def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[int, int, int, int]],
+                split: bool = False) -> list[dict[str, Any]]:
     """One server (`--workers`), every load (images per request, load processes, connections each, requests)."""
     from serve import cpu_seconds, free_port, request_bytes
 
@@ -111,7 +167,9 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
            "--max-batch-size", "256", "--max-delay-ms", "2", "--max-body-mb", "256", "--workers", str(workers)]
     for d in devices:
         cmd += ["--device", d]
-    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}.log"
+    if split:
+        cmd += ["--worker-devices", "split"]
+    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}{'-split' if split else ''}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     if SPINCOUNT:  # OpenMP's spin after a parallel region: 300000 is libgomp's own default (kiln's workers use 0)
         env["GOMP_SPINCOUNT"] = SPINCOUNT
@@ -132,13 +190,16 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
             req = request_bytes("/v2/models/resnet50/infer", x, True)
             with mp.get_context("spawn").Pool(procs) as pool:
                 pool.map(_load, [(port, req, 20 * workers, 2, images)] * procs)  # warm every worker's bucket paths
-                cpu0 = cpu_seconds(proc.pid)
+                cpu0, threads0, gpus = cpu_seconds(proc.pid), thread_cpu(proc.pid), GpuSampler()
                 t0 = time.perf_counter()
                 res = pool.map(_load, [(port, req, total // procs, conc, images)] * procs)
                 wall = time.perf_counter() - t0
-                cpu = cpu_seconds(proc.pid) - cpu0
+                cpu, util = cpu_seconds(proc.pid) - cpu0, gpus.stop()
+                busy = sorted(((v - threads0.get(k, 0.0)) / wall for k, v in thread_cpu(proc.pid).items()), reverse=True)
             done = sum(r[1] for r in res)
-            out.append({"devices": devices, "workers": workers, "images_per_request": images, "clients": procs * conc,
+            out.append({"devices": devices, "workers": workers, "split": split, "images_per_request": images,
+                        "clients": procs * conc, "busiest_threads_cores": [round(b, 3) for b in busy[:workers]],
+                        "gpu_util_percent": util,
                         "requests": done, "errors": sum(r[2] for r in res), "req_per_s": done / wall,
                         "img_per_s": done * images / wall, "server_cpu_cores": cpu / wall,
                         "client_cpu_cores": sum(r[3] for r in res) / wall})
@@ -155,6 +216,8 @@ def main() -> int:
     p.add_argument("--items", type=int, default=16384, help="images for kiln predict (default: 16384)")
     p.add_argument("--workers", type=int, default=8, help="predict's DataLoader workers (default: 8)")
     p.add_argument("--serve-workers", default="1,8", help="kiln serve --workers counts, comma-separated (default: 1,8)")
+    p.add_argument("--worker-devices", default="share", help="for two GPUs and --workers N > 1: share (every worker "
+                   "on both GPUs), split (worker i on GPU i mod 2), or share,split for both (default: share)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: alone, predict")
     p.add_argument("--gomp-spincount", default="", help="GOMP_SPINCOUNT for the servers: 300000 is libgomp's default "
                    "spin, which kiln's workers turn off (OMP_WAIT_POLICY=PASSIVE); for an A/B")
@@ -187,9 +250,12 @@ def main() -> int:
         save()
     results["serve"] = []
     loads = [(1, 8, 16, 32000), (16, 8, 4, 2400)]
+    modes = args.worker_devices.split(",")
     for w in (int(v) for v in args.serve_workers.split(",")):
-        for d in (one, two):
-            results["serve"] += serve_rates(path, d, w, loads)
+        results["serve"] += serve_rates(path, one, w, loads)
+        save()
+        for mode in modes if w > 1 else ["share"]:
+            results["serve"] += serve_rates(path, two, w, loads, split=mode == "split")
             save()
 
     print(f"\nResNet-50, {VARIANT}, on {results['gpu']} (one GPU vs two)")
@@ -200,19 +266,31 @@ def main() -> int:
     if "predict" in results:
         q = results["predict"]
         print(f"{'kiln predict, .npy, batch 256, img/s':52} {q['1']:>10,.0f} {q['2']:>10,.0f} {q['2'] / q['1']:>6.2f}x")
-    rows = {(r["workers"], r["images_per_request"], len(r["devices"])): r for r in results["serve"]}
-    for (w, images, gpus), s1 in rows.items():
-        s2 = rows.get((w, images, 2))
-        if gpus != 1 or s2 is None:
+    rows = {(r["workers"], r["images_per_request"], len(r["devices"]), r.get("split", False)): r for r in results["serve"]}
+    for (w, images, gpus, _), s1 in rows.items():
+        if gpus != 1:
             continue
-        label = f"serve --workers {w}, {images} img/request, c={s1['clients']}, img/s"
-        print(f"{label:52} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
-              f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, CPU ms/request "
-              f"{1e3 * s1['server_cpu_cores'] / s1['req_per_s']:.2f} / {1e3 * s2['server_cpu_cores'] / s2['req_per_s']:.2f}, "
-              f"load generator cores {s1.get('client_cpu_cores', 0):.2f} / {s2.get('client_cpu_cores', 0):.2f}, errors "
-              f"{s1['errors']}/{s2['errors']})")
+        for split in (False, True):
+            s2 = rows.get((w, images, 2, split))
+            if s2 is None:
+                continue
+            label = f"serve --workers {w}{' split' if split else ''}, {images} img/request, c={s1['clients']}, img/s"
+            print(f"{label:52} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
+                  f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, CPU ms/request "
+                  f"{1e3 * s1['server_cpu_cores'] / s1['req_per_s']:.2f} / {1e3 * s2['server_cpu_cores'] / s2['req_per_s']:.2f}, "
+                  f"load generator cores {s1.get('client_cpu_cores', 0):.2f} / {s2.get('client_cpu_cores', 0):.2f}, "
+                  f"busiest server threads {_top(s1)} / {_top(s2)}, GPU util % {_util(s1)} / {_util(s2)}, errors "
+                  f"{s1['errors']}/{s2['errors']})")
     save()
     return 0
+
+
+def _top(row: dict[str, Any]) -> str:
+    return ",".join(f"{b:.2f}" for b in row.get("busiest_threads_cores", [])[:4])
+
+
+def _util(row: dict[str, Any]) -> str:
+    return ",".join(f"{v:.0f}" for _, v in sorted(row.get("gpu_util_percent", {}).items())) or "-"
 
 
 def run_predict(path: Path, work: Path, items: int, workers: int, results: dict[str, Any]) -> None:

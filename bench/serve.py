@@ -10,7 +10,8 @@ torch==2.13.0`. Triton serves the same TorchScript file through a python-backend
 with dynamic batching (max 8, 5 ms window) and one CPU instance, on HTTP and gRPC.
 
 Models: (b) tiny, a small conv net on 3x32x32 (the issue's figure); optionally (a) digits and (c) mid, a mid-size conv
-net on 3x128x128 (--models a,b,c). Each server runs in its own process; this process is the load generator:
+net on 3x128x128, and (d) pool224, 3x224x224 images into a pooling head: 602 KB bodies and almost no compute, what
+the front end costs per megabyte, binary and gRPC only (--models a,b,c,d). Each server runs in its own process; this process is the load generator:
 `concurrency` keep-alive connections send requests as fast as answers come back (raw HTTP/1.1 over asyncio, and
 grpc.aio with tritonclient's protos). CPU seconds per 1,000 requests are the server's process tree's (utime+stime
 from /proc), so Triton's python-backend stub counts. kiln serves the variant its build selected; `kiln+shadow` is
@@ -71,6 +72,18 @@ class MidConv(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.f(image)
+
+
+class PoolHead(nn.Module):
+    """An image-sized input (3x224x224, 602 KB of fp32 per row) with almost no compute: what the front end costs
+    per megabyte of request body, the load a GPU model's server carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.fc(image.mean(dim=(2, 3)))
 
 
 @dataclass
@@ -330,7 +343,7 @@ PA_LOADS = (("http", 64), ("grpc", 64))  # with perf_analyzer, kiln and Triton o
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
-    p.add_argument("--models", default="b", help="subset of a,b,c (default: b, the tiny conv net)")
+    p.add_argument("--models", default="b", help="subset of a,b,c,d (default: b, the tiny conv net)")
     p.add_argument("--triton-python", help="python of an environment with nvidia-pytriton: adds Triton as a peer")
     p.add_argument("--requests", type=int, default=20_000, help="requests per load at c>1 (default: 20,000)")
     p.add_argument("--out", help="write every result as JSON here")
@@ -343,8 +356,9 @@ def main() -> int:
     torch.manual_seed(0)
     specs = {"a": ("digits", None, (1, 8, 8), {"max_batch_size": 32, "max_delay_ms": 1}),
              "b": ("tiny", TinyConv, (3, 32, 32), {"max_batch_size": 32, "max_delay_ms": 1}),
-             "c": ("mid", MidConv, (3, 128, 128), {"max_batch_size": 64, "max_delay_ms": 5})}
-    chosen = [k for k in "abc" if k in args.models.split(",")]
+             "c": ("mid", MidConv, (3, 128, 128), {"max_batch_size": 64, "max_delay_ms": 5}),
+             "d": ("pool224", PoolHead, (3, 224, 224), {"max_batch_size": 32, "max_delay_ms": 1})}
+    chosen = [k for k in "abcd" if k in args.models.split(",")]
     print(f"building models in {repo} ...", file=sys.stderr, flush=True)
     for key in chosen:
         name, cls, shape, cfg = specs[key]
@@ -370,7 +384,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     for key in chosen:
         name, _, shape, _ = specs[key]
-        total = int(args.requests * scale) if key != "c" else int(args.requests * scale / 10)
+        total = int(args.requests * scale) if key in "ab" else int(args.requests * scale / 10)
         xs = [rng.standard_normal((1, *shape)).astype(np.float32) for _ in range(8)]
         ts = next((repo / name / "1" / "variants" / "torchscript-fp32").glob("*.pt"))
         for server in servers:
@@ -394,6 +408,8 @@ def main() -> int:
             try:
                 for body, conc in LOADS:
                     if server == "baseline" and body == "grpc" or server == "kiln+shadow" and (body, conc) != ("json", 64):
+                        continue
+                    if key == "d" and body == "json":  # 3 MB of JSON per image: binary is how images are sent
                         continue
                     # The baseline's lean endpoint (request.json() + numpy) beat its pydantic one here.
                     suffix = ("_binary" if body == "binary" else "_lean") if server == "baseline" else ""

@@ -48,6 +48,24 @@ def test_runner_moves_host_inputs_and_returns_host_outputs() -> None:
         assert fn([x.cuda()])[0].device.type == "cuda"  # device in, device out
 
 
+
+def test_served_batches_are_merged_straight_into_pinned_memory() -> None:
+    from kiln.server.model import _merge
+    from kiln.spec import TensorSpec
+
+    specs = [TensorSpec.parse("image:float32[batch,3,4]"), TensorSpec.parse("ids:int64[batch]")]
+    rng = np.random.default_rng(0)
+    payloads = []
+    for n in (2, 5):  # read-only views of a body, as binary requests arrive
+        image = np.frombuffer(rng.standard_normal((n, 3, 4)).astype(np.float32).tobytes(), np.float32).reshape(n, 3, 4)
+        payloads.append([image, np.arange(n, dtype=np.int64)])
+    for ps in (payloads, payloads[:1]):
+        xs = _merge(ps, specs, pinned=True)
+        assert all(x.is_pinned() for x in xs) and [x.dtype for x in xs] == [torch.float32, torch.int64]
+        np.testing.assert_array_equal(xs[0].numpy(), np.concatenate([p[0] for p in ps]))
+        np.testing.assert_array_equal(xs[1].numpy(), np.concatenate([p[1] for p in ps]))
+    assert not any(x.is_pinned() for x in _merge(payloads, specs, pinned=False))
+
 def test_cuda_build_finds_half_precision_and_graph_variants(weights_dir: Path, tmp_path: Path) -> None:
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
                    repo=tmp_path, device="cuda", batch=(1, 8),

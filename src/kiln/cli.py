@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes sharing the port, each with its own models and a share of the cores: "
                         "more requests/s where one event loop is the bottleneck, N times the memory (default: 1)")
+    s.add_argument("--worker-devices", choices=("share", "split"), default="share",
+                   help="with --workers and several --device: share, every worker runs the model on every device; split, "
+                        "worker i on device i mod the device count (N a multiple of it): fewer CUDA contexts per GPU "
+                        "and whole batches (default: share)")
     s.add_argument("--max-batch-size", type=int, help="rows per execution")
     s.add_argument("--max-delay-ms", type=float, help="batching window, from the first request of a batch")
     s.add_argument("--preferred-batch-sizes", help="comma-separated sizes that run without waiting")
@@ -444,10 +448,15 @@ def _serve(args: argparse.Namespace) -> int:
         _modules()  # refuse now, with the install hint, rather than after the models load
     if args.workers < 1:
         raise KilnError(f"--workers {args.workers}: give at least 1", hint="e.g. --workers 2 on a machine with 2+ cores")
+    if args.worker_devices == "split" and (len(args.devices or []) < 2 or args.workers % len(args.devices)):
+        raise KilnError(f"--worker-devices split needs several --device and --workers a multiple of their count "
+                        f"(got {len(args.devices or [])} device(s), {args.workers} worker(s))",
+                        hint="e.g. --workers 8 --device cuda:0 --device cuda:1 --worker-devices split")
     settings = Settings(repo=args.repo, host=args.host, port=args.port, models=args.models.split(",") if args.models else None,
                         overrides=overrides, grpc_port=args.grpc_port, api_key=args.api_key,
                         max_body_bytes=int(args.max_body_mb * (1 << 20)), access_log=args.access_log,
-                        log_json=args.log_json, grace_s=args.grace_s, header_timeout_s=args.header_timeout_s)
+                        log_json=args.log_json, grace_s=args.grace_s, header_timeout_s=args.header_timeout_s,
+                        split_devices=args.worker_devices == "split")
     grpc_text = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port is not None else ""
 
     def banner(port: int, workers: str = "") -> None:

@@ -12,6 +12,7 @@ import uvicorn
 
 from kiln.server.app import create_app
 from kiln.server.dataplane import DataPlane
+from kiln.server.run import uvicorn_config
 from v2client import wait_ready
 
 
@@ -22,14 +23,13 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn in a background thread, as `kiln serve` runs it."""
+    """uvicorn in a background thread, with the settings and HTTP protocol `kiln serve` runs it with."""
 
     def __init__(self, app: object, *, ready: bool = True) -> None:
         self.wait_for_ready = ready
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",  # type: ignore[arg-type]
-                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ServerThread:

@@ -94,6 +94,7 @@ def test_client_mistakes_are_4xx_with_a_fix(hard: ServerThread, method: str, pat
     assert all(m["name"] in ("digits", "encoder", "poison", "slow") for m in index)  # nothing served as '..'
 
 
+
 def test_a_model_fault_is_a_500_with_a_request_id_and_no_internals(hard: ServerThread,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="kiln.server"):

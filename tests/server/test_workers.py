@@ -87,7 +87,8 @@ def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> N
     port, gport = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
-                             "--models", "digits", "--api-key", KEY, "--grace-s", "5", "--grpc-port", str(gport)],
+                             "--models", "digits", "--api-key", KEY, "--grace-s", "5", "--grpc-port", str(gport),
+                             "--device", "cpu", "--device", "cpu", "--worker-devices", "split"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(url, proc)
@@ -139,6 +140,8 @@ def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> N
             proc.kill()
     err = proc.stderr.read() if proc.stderr else ""
     assert ", 2 workers" in err and f"worker 0 (pid {workers[0]}) died (killed by signal 9); restarting it" in err
+    # --worker-devices split: each worker runs digits on one of the two devices given, not on both
+    assert "1 instance(s)) ready" in err and "2 instance(s)" not in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
 
 
@@ -153,6 +156,9 @@ def test_workers_refuse_a_taken_port_and_a_bad_count(serve_repo: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--workers", "0"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--workers 0: give at least 1" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--workers", "3", "--device", "cpu",
+                        "--device", "cpu", "--worker-devices", "split"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--workers a multiple of their count (got 2 device(s), 3 worker(s))" in p.stderr, p.stderr
 
 
 def test_merged_metrics_sum_counters_and_keep_figures_per_worker() -> None:

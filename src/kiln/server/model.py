@@ -140,13 +140,7 @@ class ServedModel:
         """In a worker thread: merge rows, run once, split rows back to their requests. Also returns the nanoseconds
         spent on input, inference and output (Triton's compute_input / compute_infer / compute_output)."""
         t0 = time.perf_counter_ns()
-        if len(payloads) == 1:
-            merged = payloads[0]
-        else:
-            merged = [np.concatenate([p[k] for p in payloads]) for k in range(len(self.inputs))]
-        # Binary request data arrives as read-only views of the body; torch wants writable memory.
-        xs = [torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a)).to(s.torch_dtype)
-              for a, s in zip(merged, self.inputs)]
+        xs = _merge(payloads, self.inputs, pinned=runner.device.startswith("cuda"))
         t1 = time.perf_counter_ns()
         raw = runner.run(xs)
         t2 = time.perf_counter_ns()
@@ -172,3 +166,25 @@ class ServedModel:
         b[1] += int(info.compute_s * 1e9)
         if self._observer is not None:
             self._observer(self, info)
+
+
+def _merge(payloads: list[list[np.ndarray]], specs: list[TensorSpec], *, pinned: bool) -> list[torch.Tensor]:
+    """The requests' arrays of each input as one tensor of the input's dtype, rows in request order.
+
+    For a GPU runner the rows are written straight into page-locked memory (torch's caching host allocator), which
+    the host-to-device copy reads without staging: one host copy per batch instead of two (merge, then pin)."""
+    out = []
+    for k, spec in enumerate(specs):
+        parts = [p[k] for p in payloads]
+        if pinned and spec.torch_dtype != torch.bfloat16 and parts[0].ndim:
+            dst = torch.empty((sum(len(a) for a in parts), *parts[0].shape[1:]), dtype=spec.torch_dtype, pin_memory=True)
+            if len(parts) == 1:
+                dst.numpy()[...] = parts[0]
+            else:
+                np.concatenate(parts, out=dst.numpy())
+            out.append(dst)
+            continue
+        a = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # Binary request data arrives as read-only views of the body; torch wants writable memory.
+        out.append(torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a)).to(spec.torch_dtype))
+    return out

@@ -169,7 +169,7 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
 def worker_main() -> int:
     """A worker: the settings from the environment, the inherited listening socket, a Unix socket for the others."""
     doc = json.loads(os.environ.pop(ENV))
-    settings = Settings(**doc["settings"])
+    settings = Settings(**{**doc["settings"], "worker": (doc["index"], doc["count"])})
     tcp = socket.socket(fileno=doc["fd"])
     path = socket_path(doc["rundir"], doc["index"])
     path.unlink(missing_ok=True)  # a crashed predecessor's
