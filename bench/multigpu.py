@@ -218,6 +218,9 @@ def main() -> int:
     p.add_argument("--serve-workers", default="1,8", help="kiln serve --workers counts, comma-separated (default: 1,8)")
     p.add_argument("--worker-devices", default="share", help="for two GPUs and --workers N > 1: share (every worker "
                    "on both GPUs), split (worker i on GPU i mod 2), or share,split for both (default: share)")
+    p.add_argument("--loads", default="1x8x32x48000,16x8x8x4800", help="serve loads, comma-separated, each IMAGESxPROCSx"
+                   "CONNECTIONSxREQUESTS: images per request, load-generator processes, connections per process, requests "
+                   "(default: 1x8x32x48000,16x8x8x4800: c=256 of one image, c=64 of 16; before 2026-11-22 c=128 and c=32)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: alone, predict")
     p.add_argument("--gomp-spincount", default="", help="GOMP_SPINCOUNT for the servers: 300000 is libgomp's default "
                    "spin, which kiln's workers turn off (OMP_WAIT_POLICY=PASSIVE); for an A/B")
@@ -249,7 +252,10 @@ def main() -> int:
         run_predict(path, work, args.items, args.workers, results)
         save()
     results["serve"] = []
-    loads = [(1, 8, 16, 32000), (16, 8, 4, 2400)]
+    loads = []
+    for spec in args.loads.split(","):
+        images, procs, conc, total = (int(v) for v in spec.split("x"))
+        loads.append((images, procs, conc, total))
     modes = args.worker_devices.split(",")
     for w in (int(v) for v in args.serve_workers.split(",")):
         results["serve"] += serve_rates(path, one, w, loads)
