@@ -337,9 +337,12 @@ def _exchange(port: int, head: bytes, pieces: list[bytes], *, wait_continue: boo
         sock.sendall(head)
         if wait_continue:
             assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue"), "no 100 Continue"
-        for piece in pieces:
-            sock.sendall(piece)
-            time.sleep(0.01)
+        try:
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):  # answered (a 413) and closed before the body ended
+            pass
         raw = b""
         while b"\r\n\r\n" not in raw:
             raw += sock.recv(1 << 16)

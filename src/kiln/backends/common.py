@@ -45,6 +45,9 @@ class Subject:
     examples: list[torch.Tensor]
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    exports: dict[str, Any] = field(default_factory=dict)
+    """What one variant exported that another of the same build starts from, by key: the ONNX export of a recipe
+    behind ONNX Runtime's fp32 and int8 variants and OpenVINO's (kiln.backends.onnxruntime.write_onnx)."""
 
 
 @dataclass(frozen=True)
