@@ -190,8 +190,13 @@ def _cpu_intrinsics_only() -> None:
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
     sys.modules[name] = package
-    for cpu in ("x86", "arm_cpu"):
-        importlib.import_module(f"{name}.{cpu}")
+    try:
+        for cpu in ("x86", "arm_cpu"):
+            importlib.import_module(f"{name}.{cpu}")
+    except Exception:  # leave no half-made package behind: TVM's own import then runs (and says what is wrong)
+        for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[k]
+        raise
 
 
 def _tune(mod: Any, target: Any, trials: int, work: Path, subject: Subject) -> tuple[Any, str]:
