@@ -107,9 +107,11 @@ def _load(args: tuple[int, bytes, int, int, int]) -> tuple[float, int, int, floa
 
 def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
     """CPU seconds of every thread of a process and its children, keyed by (pid, tid)."""
+    from serve import process_tree
+
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
-    for proc in [pid, *children(pid)]:
+    for proc in sorted(process_tree(pid)):
         for t in Path(f"/proc/{proc}/task").glob("*"):
             try:
                 f = (t / "stat").read_text().rsplit(")", 1)[1].split()
@@ -117,23 +119,6 @@ def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
                 continue
             out[(proc, int(t.name))] = (int(f[11]) + int(f[12])) / tick
     return out
-
-
-def children(pid: int) -> list[int]:
-    """Every descendant of a process (the workers of `kiln serve --workers N`), from /proc."""
-    parent = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    tree, grew = {pid}, True
-    while grew:
-        more = {p for p, pp in parent.items() if pp in tree} - tree
-        grew = bool(more)
-        tree |= more
-    return sorted(tree - {pid})
 
 
 class GpuSampler:

@@ -189,8 +189,8 @@ def kiln_stats(url: str, model: str) -> tuple[int, int]:
     return s["inference_count"], s["execution_count"]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and all its descendants (Triton's python-backend stubs), from /proc."""
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, utime + stime seconds) of every process, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     stats: dict[int, tuple[int, float]] = {}
     for d in Path("/proc").iterdir():
@@ -200,14 +200,24 @@ def cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             stats[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick)
-    tree, total, grew = {pid}, 0.0, True
+    return stats
+
+
+def process_tree(pid: int, stats: dict[int, tuple[int, float]] | None = None) -> set[int]:
+    """A process and all its descendants (the workers of `kiln serve --workers N`, Triton's python-backend stubs)."""
+    stats = _proc_stats() if stats is None else stats
+    tree, grew = {pid}, True
     while grew:
         more = {p for p, (pp, _) in stats.items() if pp in tree} - tree
         grew = bool(more)
         tree |= more
-    for p in tree:
-        total += stats.get(p, (0, 0.0))[1]
-    return total
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its descendants, from /proc."""
+    stats = _proc_stats()
+    return sum(stats.get(p, (0, 0.0))[1] for p in process_tree(pid, stats))
 
 
 def measure(name: str, server: str, url: str, port: int, path: str, x_rows: list[np.ndarray], binary: bool,
