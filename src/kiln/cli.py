@@ -371,7 +371,8 @@ def _build(args: argparse.Namespace) -> int:
         print("  hint: look at the reasons above; loosen --tolerance only if the errors are acceptable", file=sys.stderr)
         return 1
     margin = result.selection.get("margin")
-    why = f", {margin:.0%} ahead of the next" if margin is not None else ""
+    why = "" if margin is None else f", {margin:.0%} ahead of the next" if margin >= 0 else \
+        f", lossless: a lossy variant measured {-margin:.0%} faster, within the noise"
     console.print(f"selected [bold]{result.selected}[/bold] ({result.objective}{why}) -> {result.path}", highlight=False)
     console.print(f"report: {result.path / 'report.html'}", highlight=False)  # type: ignore[operator]
     return 0
