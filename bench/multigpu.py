@@ -14,8 +14,9 @@ with one GPU and with two, in the same run:
    several load-generator processes on the same machine, req/s and img/s, with the server's CPU and the load
    generator's own (both on the same cores: where the server is not short of CPU, the client may be), the busiest
    thread of the server (one near 1.0 core is an event loop at its limit) and each GPU's utilization (nvidia-smi);
-   with one server process and with `--workers N` (--serve-workers 1,8), on two GPUs each worker with a runner on
-   every device (--worker-devices share) and/or worker i on GPU i mod 2 (split).
+   with one server process and with `--workers N` (--serve-workers 1,8), each worker with a runner on every device
+   (--worker-devices share), worker i on GPU i mod 2 (split), and/or one engine process per GPU running the model
+   for every worker (engine), as --worker-devices lists.
 
 Target (issue): two GPUs >= 1.8x one GPU for binary requests at high concurrency. Where the front end is the
 bottleneck, the model-alone row shows what the GPUs could do and the server's CPU use shows where the time went.
@@ -143,7 +144,7 @@ class GpuSampler:
 
 
 def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[int, int, int, int]],
-                split: bool = False) -> list[dict[str, Any]]:
+                mode: str = "share") -> list[dict[str, Any]]:
     """One server (`--workers`), every load (images per request, load processes, connections each, requests)."""
     from serve import cpu_seconds, free_port, request_bytes
 
@@ -152,9 +153,9 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
            "--max-batch-size", "256", "--max-delay-ms", "2", "--max-body-mb", "256", "--workers", str(workers)]
     for d in devices:
         cmd += ["--device", d]
-    if split:
-        cmd += ["--worker-devices", "split"]
-    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}{'-split' if split else ''}.log"
+    if mode != "share":
+        cmd += ["--worker-devices", mode]
+    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}-{mode}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     if SPINCOUNT:  # OpenMP's spin after a parallel region: 300000 is libgomp's own default (kiln's workers use 0)
         env["GOMP_SPINCOUNT"] = SPINCOUNT
@@ -174,7 +175,8 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
             x = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
             req = request_bytes("/v2/models/resnet50/infer", x, True)
             with mp.get_context("spawn").Pool(procs) as pool:
-                pool.map(_load, [(port, req, 20 * workers, 2, images)] * procs)  # warm every worker's bucket paths
+                # Warm every worker's bucket paths, and the batch sizes this load makes (CUDA graphs captured on use).
+                pool.map(_load, [(port, req, max(20 * workers, 4 * conc), conc, images)] * procs)
                 cpu0, threads0, gpus = cpu_seconds(proc.pid), thread_cpu(proc.pid), GpuSampler()
                 t0 = time.perf_counter()
                 res = pool.map(_load, [(port, req, total // procs, conc, images)] * procs)
@@ -182,17 +184,22 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
                 cpu, util = cpu_seconds(proc.pid) - cpu0, gpus.stop()
                 busy = sorted(((v - threads0.get(k, 0.0)) / wall for k, v in thread_cpu(proc.pid).items()), reverse=True)
             done = sum(r[1] for r in res)
-            out.append({"devices": devices, "workers": workers, "split": split, "images_per_request": images,
-                        "clients": procs * conc, "busiest_threads_cores": [round(b, 3) for b in busy[:workers]],
+            out.append({"devices": devices, "workers": workers, "mode": mode, "images_per_request": images,
+                        "clients": procs * conc, "busiest_threads_cores": [round(b, 3) for b in busy[:workers + len(devices)]],
                         "gpu_util_percent": util,
                         "requests": done, "errors": sum(r[2] for r in res), "req_per_s": done / wall,
                         "img_per_s": done * images / wall, "server_cpu_cores": cpu / wall,
                         "client_cpu_cores": sum(r[3] for r in res) / wall})
             print(f"serve: {out[-1]}", file=sys.stderr, flush=True)
-        return out
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(60)
+    if mode == "engine":  # what the engines batched (they print it when they stop)
+        lines = [ln for ln in log.read_text().splitlines() if "rows per batch" in ln]
+        for row in out:
+            row["engines"] = lines
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return out
 
 
 def main() -> int:
@@ -201,8 +208,9 @@ def main() -> int:
     p.add_argument("--items", type=int, default=16384, help="images for kiln predict (default: 16384)")
     p.add_argument("--workers", type=int, default=8, help="predict's DataLoader workers (default: 8)")
     p.add_argument("--serve-workers", default="1,8", help="kiln serve --workers counts, comma-separated (default: 1,8)")
-    p.add_argument("--worker-devices", default="share", help="for two GPUs and --workers N > 1: share (every worker "
-                   "on both GPUs), split (worker i on GPU i mod 2), or share,split for both (default: share)")
+    p.add_argument("--worker-devices", default="share", help="comma-separated: share (every worker on every GPU), split "
+                   "(worker i on GPU i mod 2; two GPUs and N > 1 only), engine (one engine process per GPU runs the "
+                   "model, the workers hand it batches) (default: share)")
     p.add_argument("--loads", default="1x8x32x48000,16x8x8x4800", help="serve loads, comma-separated, each IMAGESxPROCSx"
                    "CONNECTIONSxREQUESTS: images per request, load-generator processes, connections per process, requests "
                    "(default: 1x8x32x48000,16x8x8x4800: c=256 of one image, c=64 of 16; before 2026-11-22 c=128 and c=32)")
@@ -243,11 +251,16 @@ def main() -> int:
         loads.append((images, procs, conc, total))
     modes = args.worker_devices.split(",")
     for w in (int(v) for v in args.serve_workers.split(",")):
-        results["serve"] += serve_rates(path, one, w, loads)
-        save()
-        for mode in modes if w > 1 else ["share"]:
-            results["serve"] += serve_rates(path, two, w, loads, split=mode == "split")
-            save()
+        for mode in modes:
+            if mode == "split" and w == 1:
+                continue
+            for devices in ([two] if mode == "split" else [one, two]):  # split on one GPU is share
+                try:
+                    results["serve"] += serve_rates(path, devices, w, loads, mode)
+                except Exception as e:  # one server that fails to start: record why, measure the others
+                    results.setdefault("failed", []).append(f"{mode} w{w} {devices}: {e}"[:4000])
+                    print(f"serve failed: {e}", file=sys.stderr, flush=True)
+                save()
 
     print(f"\nResNet-50, {VARIANT}, on {results['gpu']} (one GPU vs two)")
     print(f"{'measurement':52} {'1 GPU':>10} {'2 GPUs':>10} {'2 / 1':>7}")
@@ -257,15 +270,15 @@ def main() -> int:
     if "predict" in results:
         q = results["predict"]
         print(f"{'kiln predict, .npy, batch 256, img/s':52} {q['1']:>10,.0f} {q['2']:>10,.0f} {q['2'] / q['1']:>6.2f}x")
-    rows = {(r["workers"], r["images_per_request"], len(r["devices"]), r.get("split", False)): r for r in results["serve"]}
-    for (w, images, gpus, _), s1 in rows.items():
+    rows = {(r["workers"], r["images_per_request"], len(r["devices"]), r["mode"]): r for r in results["serve"]}
+    for (w, images, gpus, mode), s1 in rows.items():
         if gpus != 1:
             continue
-        for split in (False, True):
-            s2 = rows.get((w, images, 2, split))
+        for mode2 in (mode, "split") if mode == "share" else (mode,):  # split's baseline: one GPU, share
+            s2 = rows.get((w, images, 2, mode2))
             if s2 is None:
                 continue
-            label = f"serve --workers {w}{' split' if split else ''}, {images} img/request, c={s1['clients']}, img/s"
+            label = f"serve -w{w} {mode2}, {images} img/request, c={s1['clients']}, img/s"
             print(f"{label:52} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
                   f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, CPU ms/request "
                   f"{1e3 * s1['server_cpu_cores'] / s1['req_per_s']:.2f} / {1e3 * s2['server_cpu_cores'] / s2['req_per_s']:.2f}, "

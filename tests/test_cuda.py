@@ -66,6 +66,27 @@ def test_served_batches_are_merged_straight_into_pinned_memory() -> None:
         np.testing.assert_array_equal(xs[1].numpy(), np.concatenate([p[1] for p in ps]))
     assert not any(x.is_pinned() for x in _merge(payloads, specs, pinned=False))
 
+def test_an_engine_reads_a_page_locked_slot_without_copying(tmp_path: Path) -> None:
+    """--worker-devices engine: the engine page-locks a worker's shared-memory slot, and a batch that is one
+    worker's batch goes to the GPU from the slot itself."""
+    from kiln.server.engine import Engine, Slots
+    from kiln.server.model import _merge
+    from kiln.spec import TensorSpec
+
+    slots = Slots(tmp_path, "w")
+    size, name, buf = slots.take(3 << 20)
+    image = buf[: 4 * 6 * 3 * 4].view(np.float32).reshape(6, 3, 4)
+    image[...] = np.random.default_rng(0).standard_normal((6, 3, 4))
+    engine = Engine("cuda:0", tmp_path)
+    mapped = engine._map(name)
+    view = mapped[: image.nbytes].view(np.float32).reshape(6, 3, 4)
+    (x,) = _merge([[view]], [TensorSpec.parse("image:float32[batch,3,4]")], pinned=True)
+    assert x.is_pinned() and x.data_ptr() == view.ctypes.data  # the slot itself, no staging copy
+    np.testing.assert_array_equal(x.cuda().cpu().numpy(), image)
+    engine._unmap({name: mapped})
+    assert not torch.from_numpy(view).is_pinned()
+
+
 def test_cuda_build_finds_half_precision_and_graph_variants(weights_dir: Path, tmp_path: Path) -> None:
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
                    repo=tmp_path, device="cuda", batch=(1, 8),

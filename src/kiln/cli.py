@@ -145,10 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes sharing the port, each with its own models and a share of the cores: "
                         "more requests/s where one event loop is the bottleneck, N times the memory (default: 1)")
-    s.add_argument("--worker-devices", choices=("share", "split"), default="share",
-                   help="with --workers and several --device: share, every worker runs the model on every device; split, "
-                        "worker i on device i mod the device count (N a multiple of it): fewer CUDA contexts per GPU "
-                        "and whole batches (default: share)")
+    s.add_argument("--worker-devices", choices=("share", "split", "engine"), default="share",
+                   help="with --workers and --device: share, every worker runs the model on every device; split, "
+                        "worker i on device i mod the device count (N a multiple of it); engine, one engine process "
+                        "per device runs the models (one CUDA context per GPU, batches merged across workers) and the "
+                        "workers hand it their batches through shared memory (default: share)")
     s.add_argument("--max-batch-size", type=int, help="rows per execution")
     s.add_argument("--max-delay-ms", type=float, help="batching window, from the first request of a batch")
     s.add_argument("--preferred-batch-sizes", help="comma-separated sizes that run without waiting")
@@ -453,18 +454,21 @@ def _serve(args: argparse.Namespace) -> int:
         raise KilnError(f"--worker-devices split needs several --device and --workers a multiple of their count "
                         f"(got {len(args.devices or [])} device(s), {args.workers} worker(s))",
                         hint="e.g. --workers 8 --device cuda:0 --device cuda:1 --worker-devices split")
+    if args.worker_devices == "engine" and not args.devices:
+        raise KilnError("--worker-devices engine needs the devices to start engines on",
+                        hint="e.g. --workers 8 --device cuda:0 --device cuda:1 --worker-devices engine")
     settings = Settings(repo=args.repo, host=args.host, port=args.port, models=args.models.split(",") if args.models else None,
                         overrides=overrides, grpc_port=args.grpc_port, api_key=args.api_key,
                         max_body_bytes=int(args.max_body_mb * (1 << 20)), access_log=args.access_log,
                         log_json=args.log_json, grace_s=args.grace_s, header_timeout_s=args.header_timeout_s,
-                        split_devices=args.worker_devices == "split")
+                        worker_devices=args.worker_devices)
     grpc_text = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port is not None else ""
 
     def banner(port: int, workers: str = "") -> None:
         print(f"kiln serve: {', '.join(names)} on http://{args.host}:{port}{grpc_text}{workers} (ready at "
               "/v2/health/ready once warm)", file=sys.stderr, flush=True)
 
-    if args.workers > 1:
+    if args.workers > 1 or args.worker_devices == "engine":
         from kiln.server.workers import supervise
 
         return supervise(settings, args.workers, on_listening=lambda port: banner(port, f", {args.workers} workers"))

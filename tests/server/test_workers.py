@@ -145,6 +145,58 @@ def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> N
     assert "Traceback" not in err, err[-3000:]
 
 
+def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Path) -> None:
+    """--worker-devices engine: one engine process per device holds the model, the workers hold none; answers are
+    the model's own, through shared memory, and an engine that dies is restarted without the workers noticing
+    beyond a retry."""
+    import kiln
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
+                             "--models", "digits", "--grace-s", "5", "--device", "cpu", "--device", "cpu",
+                             "--worker-devices", "engine"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = kiln.load(serve_repo / "digits")
+    x = np.random.default_rng(2).standard_normal((7, 1, 8, 8)).astype(np.float32)
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    try:
+        wait_ready(url, proc)
+        children = _children(proc.pid)
+        assert len(children) == 4  # two engines, two workers
+        for _ in range(6):  # fresh connections: both workers, and through them both engines
+            r = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            got = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(7, 10)
+            np.testing.assert_allclose(got, runner(x), rtol=1e-5, atol=1e-5)
+        bad = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 7], "data": [0.0] * 56}]}
+        r = httpx.post(f"{url}/v2/models/digits/infer", json=bad, timeout=30)
+        assert r.status_code == 400 and "fix the shape" in r.text  # validated by the worker, never sent on
+        slots = [p for p in Path("/dev/shm").glob("kiln-serve-*-slots") if p.is_dir()]
+        engines = [pid for pid in children if "kiln.server.engine" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(engines) == 2
+        maps = Path(f"/proc/{engines[0]}/maps").read_text() + Path(f"/proc/{engines[1]}/maps").read_text()
+        assert any(str(d) in maps for d in slots), "the engines read the workers' batches from shared memory"
+
+        os.kill(engines[0], signal.SIGKILL)  # the supervisor restarts it; requests on it fail with 503 meanwhile
+        deadline, answered = time.monotonic() + 90, 0
+        while answered < 6:
+            r = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
+            assert r.status_code in (200, 503) and proc.poll() is None and time.monotonic() < deadline, r.text
+            answered += r.status_code == 200
+        assert len(set(_children(proc.pid)) - set(children)) == 1  # the new engine
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "engine processes on cpu, cpu) ready" in err and err.count("engine on cpu: digits version") >= 3, err[-3000:]
+    assert f"engine on cpu (pid {engines[0]}) died (killed by signal 9); restarting it" in err
+    assert "rows per batch" in err and "Traceback" not in err, err[-3000:]
+    assert not any(d.exists() for d in slots)  # the supervisor removed the shared memory
+
+
 def test_workers_refuse_a_taken_port_and_a_bad_count(serve_repo: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -159,6 +211,9 @@ def test_workers_refuse_a_taken_port_and_a_bad_count(serve_repo: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--workers", "3", "--device", "cpu",
                         "--device", "cpu", "--worker-devices", "split"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--workers a multiple of their count (got 2 device(s), 3 worker(s))" in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--worker-devices", "engine"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--worker-devices engine needs the devices" in p.stderr and "--device cuda:0" in p.stderr
 
 
 def test_merged_metrics_sum_counters_and_keep_figures_per_worker() -> None:

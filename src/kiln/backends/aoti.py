@@ -66,10 +66,18 @@ def export(subject: Subject, directory: Path, *, options: dict[str, Any]) -> dic
             "recipe": recipe.tag}
 
 
+_PROBED: set[str] = set()  # device kinds whose packages this process has seen load in a child process
+
+
 def probe_load(path: Path, device: str) -> None:
     """Load the package in a child process first: on some torch/machine combinations loading a package segfaults
     (seen with torch 2.11+cu130 on H200 hosts, for CUDA packages and for plain CPU ones, without kiln involved),
-    which would take the build down with it."""
+    which would take the build down with it. The crash belongs to the torch build and the machine, not to one
+    package, so one clean probe per device kind and process is enough (each probe costs a Python start with torch,
+    about 5 s)."""
+    kind = device.split(":")[0]
+    if kind in _PROBED:
+        return
     index = (int(device.split(":")[1]) if ":" in device else 0) if device.startswith("cuda") else -1
     code = f"import torch; torch._inductor.aoti_load_package({str(path)!r}, device_index={index})"
     try:
@@ -83,6 +91,7 @@ def probe_load(path: Path, device: str) -> None:
         raise KilnError(f"the AOTInductor package crashed on load in a test process ({how}) with torch "
                         f"{torch.__version__} on {device} {tail[0][:200]}".rstrip(),
                         hint="a torch/driver problem; rely on the other variants or try another torch release")
+    _PROBED.add(kind)
 
 
 def export_program(flat: torch.nn.Module, subject: Subject) -> torch.export.ExportedProgram:

@@ -168,6 +168,10 @@ class ServedModel:
             self._observer(self, info)
 
 
+_NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+             torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64, torch.int8: np.int8}
+
+
 def _merge(payloads: list[list[np.ndarray]], specs: list[TensorSpec], *, pinned: bool) -> list[torch.Tensor]:
     """The requests' arrays of each input as one tensor of the input's dtype, rows in request order.
 
@@ -177,6 +181,11 @@ def _merge(payloads: list[list[np.ndarray]], specs: list[TensorSpec], *, pinned:
     for k, spec in enumerate(specs):
         parts = [p[k] for p in payloads]
         if pinned and spec.torch_dtype != torch.bfloat16 and parts[0].ndim:
+            if len(parts) == 1 and parts[0].flags.writeable and parts[0].dtype == _NP_DTYPE.get(spec.torch_dtype):
+                t = torch.from_numpy(parts[0])
+                if t.is_pinned():  # an engine's page-locked shared-memory slot (kiln.server.engine): no copy at all
+                    out.append(t)
+                    continue
             dst = torch.empty((sum(len(a) for a in parts), *parts[0].shape[1:]), dtype=spec.torch_dtype, pin_memory=True)
             if len(parts) == 1:
                 dst.numpy()[...] = parts[0]

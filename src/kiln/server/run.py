@@ -9,6 +9,7 @@ head within `header_timeout_s` is closed (slow or idle clients cannot hold socke
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import socket
 import sys
@@ -180,8 +181,9 @@ class Settings:
     log_json: bool = False
     grace_s: float = 30.0
     header_timeout_s: float = 10.0
-    split_devices: bool = False  # --worker-devices split: worker i of N runs its models on device i mod the count
+    worker_devices: str = "share"  # --worker-devices: share, split (worker i on device i mod the count), engine
     worker: tuple[int, int] | None = None  # (index, count) in a worker of `--workers N`
+    engines: dict[str, str] | None = None  # --worker-devices engine, in a worker: run folder and slot folder
 
 
 def worker_devices(devices: list[str], index: int, count: int) -> list[str]:
@@ -197,9 +199,16 @@ def serve(settings: Settings, *, sockets: list[socket.socket] | None = None, pee
 
     s = settings
     overrides = s.overrides
-    if s.split_devices and s.worker is not None and overrides.get("devices"):
+    if s.worker_devices == "split" and s.worker is not None and overrides.get("devices"):
         overrides = {**overrides, "devices": worker_devices(overrides["devices"], *s.worker)}
-    plane = DataPlane(Path(s.repo), overrides=overrides, defaults=s.defaults, only=s.models, drain_s=s.grace_s)
+    factory = None
+    if s.engines is not None:  # the models run in the engines; this worker only speaks the protocol
+        from kiln.server.engine import EngineModel
+
+        factory = functools.partial(EngineModel, engines=overrides["devices"], rundir=s.engines["rundir"],
+                                    slots=s.engines["slots"])
+    plane = DataPlane(Path(s.repo), overrides=overrides, defaults=s.defaults, only=s.models, drain_s=s.grace_s,
+                      model_factory=factory)
     app = create_app(plane, api_key=s.api_key, max_body_bytes=s.max_body_bytes, access_log=s.access_log or s.log_json,
                      log_json=s.log_json, grpc_port=s.grpc_port, grpc_host=s.host, peers=peers)
     code = run(app, host=s.host, port=s.port, grace_s=s.grace_s, plane=plane, header_timeout_s=s.header_timeout_s,

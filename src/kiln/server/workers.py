@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.server import engine
 from kiln.server.peers import Peers, socket_path
 from kiln.server.run import BACKLOG, EXIT_MARGIN_S, Settings, serve
 
@@ -94,6 +95,11 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
     settings.port = socks[0].getsockname()[1]
     settings.defaults = {"threads": share_of_cores(count), **settings.defaults}
     rundir = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
+    devices = (settings.overrides.get("devices") or []) if settings.worker_devices == "engine" else []
+    esocks, slots = [engine.listen(rundir, i) for i in range(len(devices))], None
+    if devices:
+        slots = engine.shm_dir(rundir)
+        settings.engines = {"rundir": str(rundir), "slots": str(slots)}
     if callable(on_listening):
         on_listening(settings.port)
 
@@ -102,11 +108,18 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
         return subprocess.Popen([sys.executable, "-m", "kiln.server.workers"],
                                 env={**WORKER_ENV, **os.environ, ENV: json.dumps(doc)}, pass_fds=[socks[i].fileno()])
 
+    def spawn_engine(i: int) -> subprocess.Popen[bytes]:
+        doc = {"device": devices[i], "fd": esocks[i].fileno(), "slots": str(slots), "grace_s": settings.grace_s,
+               "threads": share_of_cores(len(devices))}
+        return subprocess.Popen([sys.executable, "-m", "kiln.server.engine"],
+                                env={**WORKER_ENV, **os.environ, engine.ENV: json.dumps(doc)}, pass_fds=[esocks[i].fileno()])
+
+    engines = [spawn_engine(i) for i in range(len(devices))]  # first: the workers' models wait for them
     procs = [spawn(i) for i in range(count)]
     state = {"stopping": False, "forced": False}
 
     def stop_all(sig: int = signal.SIGTERM) -> None:
-        for p in procs:
+        for p in procs if sig == signal.SIGTERM else procs + engines:  # engines stop once the workers drained
             if p.poll() is None:
                 p.send_signal(sig)
 
@@ -124,11 +137,11 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
     try:
         while not state["stopping"]:
             time.sleep(0.2)
-            for i, p in enumerate(procs):
+            for i, p in [*enumerate(procs), *((-1 - i, e) for i, e in enumerate(engines))]:
                 rc = p.poll()
                 if rc is None or state["stopping"]:
                     continue
-                if rc == NO_MODEL:  # the worker's own verdict: the others would say the same
+                if rc == NO_MODEL and i >= 0:  # the worker's own verdict: the others would say the same
                     print(f"kiln serve: worker {i} could load no model; stopping", file=sys.stderr, flush=True)
                     code = 1
                     state["stopping"] = True
@@ -139,30 +152,42 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
                 while deaths and deaths[0] < now - RESTART_WINDOW_S:
                     deaths.popleft()
                 how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+                who = f"worker {i}" if i >= 0 else f"engine on {devices[-1 - i]}"
                 if len(deaths) > MAX_RESTARTS:
-                    print(f"kiln serve: worker {i} died ({how}), the {len(deaths)}th time in {RESTART_WINDOW_S:.0f} s; "
+                    print(f"kiln serve: {who} died ({how}), the {len(deaths)}th time in {RESTART_WINDOW_S:.0f} s; "
                           "stopping", file=sys.stderr, flush=True)
                     code = 1
                     state["stopping"] = True
                     stop_all()
                     break
-                print(f"kiln serve: worker {i} (pid {p.pid}) died ({how}); restarting it", file=sys.stderr, flush=True)
-                procs[i] = spawn(i)
+                print(f"kiln serve: {who} (pid {p.pid}) died ({how}); restarting it", file=sys.stderr, flush=True)
+                if i >= 0:
+                    procs[i] = spawn(i)
+                else:
+                    engines[-1 - i] = spawn_engine(-1 - i)
         deadline = time.monotonic() + settings.grace_s + 2 * EXIT_MARGIN_S
-        for p in procs:
-            try:
-                rc = p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = p.wait()
-            if rc != 0 and not state["forced"]:
-                code = code or 1
+        for group in (procs, engines):
+            if group is engines:  # the workers are done with them
+                for e in engines:
+                    if e.poll() is None:
+                        e.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + settings.grace_s + 2 * EXIT_MARGIN_S
+            for p in group:
+                try:
+                    rc = p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    rc = p.wait()
+                if rc != 0 and not state["forced"]:
+                    code = code or 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for sock in socks:
+        for sock in socks + esocks:
             sock.close()
         shutil.rmtree(rundir, ignore_errors=True)
+        if slots is not None:
+            shutil.rmtree(slots, ignore_errors=True)
     return code
 
 

@@ -1,0 +1,554 @@
+"""`kiln serve --workers N --worker-devices engine`: one engine process per device runs the models; the N workers
+only speak HTTP/gRPC, validate and batch requests, and hand each batch to an engine through shared memory.
+
+Why: with `share` or `split`, every worker that runs a model on a GPU holds its own CUDA context there. A GPU
+time-slices between contexts, so the small batches of eight workers never overlap on it, and each worker batches
+only the requests that happen to reach it (bench/multigpu.py: one H200 was 82-94% busy at 5,300-8,300 img/s, where
+it makes 14,400 img/s alone on large batches). An engine is the one context on its GPU, and it batches again
+across every worker's batches; the workers keep the front end's CPU work (parsing, decoding, validation) spread
+over the cores, as Triton's HTTP threads hand requests to one backend per GPU.
+
+The path of one batch:
+- a worker's batcher merges its requests' rows straight into a shared-memory slot (a file in a tmpfs folder the
+  supervisor made; no copy beyond the one a worker made before, into pinned memory);
+- it sends the engine a short header over a Unix socket: model, rows, where each input lies in which slot;
+- the engine maps the slot once (and, on a GPU, page-locks it with cudaHostRegister, so the host-to-device copy
+  reads the slot itself), queues the rows in the model's batcher with every other worker's, runs the batch,
+  and sends the outputs back on the socket (outputs are small next to inputs: logits, embeddings).
+
+An engine loads a model when the first worker asks for it (`load`), once, and keeps it. The supervisor restarts
+an engine that dies; the workers' requests that were on it fail with 503 and the workers reconnect, asking it to
+load their models again. Statistics and metrics describe what each worker sent (its batches, and their round
+trips to the engines); each engine prints its own batch sizes to stderr when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import mmap
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln import repository
+from kiln.errors import KilnError
+from kiln.server.batcher import Batcher, Closed, Expired, QueueFull
+from kiln.server.config import ModelConfig
+from kiln.server.model import ServedModel
+
+ENV = "KILN_SERVE_ENGINE"  # the engine's settings, as JSON
+_HEAD = struct.Struct("<II")  # header length, data length
+LOAD_TIMEOUT_S = 3600.0  # a compile variant takes minutes to load and warm up
+CONNECT_TIMEOUT_S = 120.0  # an engine (re)starting: importing torch and CUDA takes seconds
+ALIGN = 64
+_ERRORS: dict[str, type[Exception]] = {"QueueFull": QueueFull, "Expired": Expired, "Closed": Closed, "KilnError": KilnError}
+
+
+def socket_path(rundir: str | Path, index: int) -> Path:
+    return Path(rundir) / f"engine-{index}.sock"
+
+
+def shm_dir(rundir: Path) -> Path:
+    """Where workers put their slots: a folder on tmpfs (/dev/shm) when there is one, else in the run folder."""
+    base = Path("/dev/shm")
+    if base.is_dir() and os.access(base, os.W_OK):
+        d = base / f"{rundir.name}-slots"
+        d.mkdir(mode=0o700)
+        return d
+    d = rundir / "slots"
+    d.mkdir(mode=0o700)
+    return d
+
+
+def _frame(doc: dict[str, Any], data_len: int = 0) -> bytes:
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    return _HEAD.pack(len(head), data_len) + head
+
+
+async def _read(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
+    jl, dl = _HEAD.unpack(await reader.readexactly(_HEAD.size))
+    doc = json.loads(await reader.readexactly(jl))
+    return doc, (await reader.readexactly(dl) if dl else b"")
+
+
+def _error(e: BaseException) -> dict[str, Any]:
+    kind = type(e).__name__ if type(e).__name__ in _ERRORS else "Error"
+    msg = f"{e.message}; {e.hint}" if isinstance(e, KilnError) and e.hint else getattr(e, "message", None) or str(e)
+    return {"error": msg, "kind": kind}
+
+
+def _raise(doc: dict[str, Any], where: str) -> None:
+    cls = _ERRORS.get(doc["kind"])
+    if cls is KilnError:
+        raise KilnError(doc["error"])
+    if cls is not None:
+        raise cls(doc["error"])
+    raise RuntimeError(f"the engine on {where} failed: {doc['error']}")
+
+
+# -- the engine process ---------------------------------------------------------------------------------------------
+class Engine:
+    """One device's models, shared by every worker that connects."""
+
+    def __init__(self, device: str, slots: Path) -> None:
+        self.device = device
+        self.slots = slots
+        self.models: list[ServedModel] = []
+        self._loading: dict[str, asyncio.Task[int]] = {}
+        self.clients: set[asyncio.Task[Any]] = set()
+        self.pin = device.startswith("cuda")
+        self.registered: set[int] = set()
+
+    async def load(self, doc: dict[str, Any]) -> int:
+        """The handle of the model a worker asks for, loading it first if no worker asked for it before."""
+        key = json.dumps([doc["version_dir"], doc["config"]], sort_keys=True)
+        task = self._loading.get(key)
+        if task is None or (task.done() and task.exception() is not None):  # a failed load is tried again
+            task = self._loading[key] = asyncio.create_task(self._load(doc))
+        return await asyncio.shield(task)
+
+    async def _load(self, doc: dict[str, Any]) -> int:
+        vdir, manifest = repository.resolve(doc["version_dir"])
+        config = ModelConfig(**{**doc["config"], "devices": [self.device], "shadow_rate": 0.0})
+        served = ServedModel(doc["name"], vdir, manifest, config)
+        await asyncio.to_thread(served.load)
+        served.start()
+        self.models.append(served)
+        print(f"kiln serve: engine on {self.device}: {doc['name']} version {served.version} ({served.variant}, "
+              f"{served.describe()}) ready", file=sys.stderr, flush=True)
+        return len(self.models) - 1
+
+    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One worker's connection: requests in, answers out in any order (each carries its id)."""
+        maps: dict[str, np.ndarray] = {}
+        running: set[asyncio.Task[None]] = set()
+        me = asyncio.current_task()
+        assert me is not None
+        self.clients.add(me)
+        try:
+            while True:
+                doc, _ = await _read(reader)
+                t = asyncio.create_task(self._answer(doc, maps, writer))
+                running.add(t)
+                t.add_done_callback(running.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker went away (or is restarting)
+        except asyncio.CancelledError:
+            return  # the engine is stopping (after the workers drained): nothing of this connection is still running
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+            writer.close()
+            self._unmap(maps)
+            self.clients.discard(me)
+
+    async def _answer(self, doc: dict[str, Any], maps: dict[str, np.ndarray], writer: asyncio.StreamWriter) -> None:
+        rid = doc.get("id")
+        chunks: list[Any] = []
+        try:
+            if doc["op"] == "load":
+                reply: dict[str, Any] = {"id": rid, "model": await self.load(doc)}
+            elif doc["op"] == "infer":
+                served = self.models[doc["model"]]
+                assert served.batcher is not None
+                buf = maps.get(doc["slot"])
+                if buf is None:
+                    buf = maps[doc["slot"]] = self._map(doc["slot"])
+                arrays = [buf[off:off + np.dtype(dt).itemsize * int(np.prod(shape))].view(dt).reshape(shape)
+                          for off, shape, dt in doc["inputs"]]
+                key = tuple(a.shape[1:] for a in arrays) if served.batched else None
+                outs = await served.batcher.submit(arrays, rows=doc["rows"], key=key, timeout_s=doc["timeout"])
+                outs = [np.ascontiguousarray(o) for o in outs]
+                reply = {"id": rid, "outputs": [[list(o.shape), o.dtype.str] for o in outs]}
+                chunks = [memoryview(o).cast("B") for o in outs]
+            else:
+                raise KilnError(f"unknown engine operation {doc['op']!r}")
+        except Exception as e:  # every failure goes back to the worker that asked, which maps it to HTTP
+            reply, chunks = {"id": rid, **_error(e)}, []
+        if writer.is_closing():
+            return
+        writer.write(_frame(reply, sum(c.nbytes for c in chunks)))
+        if chunks:
+            writer.writelines(chunks)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+
+    def _map(self, name: str) -> np.ndarray:
+        """A worker's slot, mapped (and page-locked for the GPU's copies) once per connection."""
+        path = self.slots / name
+        if path.parent != self.slots or path.name != name:
+            raise KilnError(f"bad slot name {name!r}")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        buf = np.frombuffer(mm, dtype=np.uint8)
+        if self.pin:
+            import torch
+
+            err = int(torch.cuda.cudart().cudaHostRegister(buf.ctypes.data, buf.nbytes, 0))
+            if err:
+                raise KilnError(f"cannot page-lock a {buf.nbytes >> 20} MiB shared-memory slot (CUDA error {err})",
+                                hint="raise the locked-memory limit (ulimit -l), or serve without --worker-devices engine")
+            self.registered.add(buf.ctypes.data)
+        return buf
+
+    def _unmap(self, maps: dict[str, np.ndarray]) -> None:
+        if self.pin:
+            import torch
+
+            for buf in maps.values():
+                if buf.ctypes.data in self.registered:
+                    self.registered.discard(buf.ctypes.data)
+                    torch.cuda.cudart().cudaHostUnregister(buf.ctypes.data)
+        maps.clear()  # the mmaps close once nothing views them (a running batch may still)
+
+    def summary(self) -> str:
+        lines = []
+        for m in self.models:
+            sizes = sorted(m.stats.batch_sizes.items())
+            total = sum(c for c, _ in m.stats.batch_sizes.values()) or 1
+            mean = sum(b * c for b, (c, _) in sizes) / total
+            lines.append(f"kiln serve: engine on {self.device}: {m.name} ran {m.stats.execution_count} batches, "
+                         f"{m.stats.inference_count} rows, {mean:.1f} rows per batch")
+        return "\n".join(lines)
+
+
+async def _engine(doc: dict[str, Any], sock: socket.socket) -> int:
+    engine = Engine(doc["device"], Path(doc["slots"]))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = await asyncio.start_unix_server(engine.client, sock=sock, limit=1 << 20)
+    await stop.wait()
+    server.close()  # the workers drained before the supervisor stopped the engines
+    await asyncio.gather(*(m.stop(drain_s=doc.get("grace_s", 30.0)) for m in engine.models))
+    for t in engine.clients:
+        t.cancel()
+    await asyncio.gather(*engine.clients, return_exceptions=True)
+    if engine.models:
+        print(engine.summary(), file=sys.stderr, flush=True)
+    return 0
+
+
+def engine_main() -> int:
+    doc = json.loads(os.environ.pop(ENV))
+    if doc.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(doc["threads"]))
+    sock = socket.socket(fileno=doc["fd"])
+    return asyncio.run(_engine(doc, sock))
+
+
+def listen(rundir: Path, index: int) -> socket.socket:
+    """The engine's Unix socket, bound by the supervisor (held across restarts: workers wait in its backlog)."""
+    path = socket_path(rundir, index)
+    path.unlink(missing_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(1024)
+    s.set_inheritable(True)
+    return s
+
+
+# -- the workers' side ----------------------------------------------------------------------------------------------
+class Slots:
+    """A worker's shared-memory slots: files on tmpfs, reused by size (a batch takes the smallest free one that
+    fits, else a new one of the next power of two), so memory follows the batches actually sent."""
+
+    def __init__(self, folder: Path, prefix: str) -> None:
+        self.folder = folder
+        self.prefix = prefix
+        self.free: list[tuple[int, str, np.ndarray]] = []
+        self.made = 0
+
+    def take(self, nbytes: int) -> tuple[int, str, np.ndarray]:
+        fits = [s for s in self.free if s[0] >= nbytes]
+        if fits:
+            best = min(fits, key=lambda s: s[0])
+            self.free.remove(best)
+            return best
+        size = max(1 << 20, 1 << (nbytes - 1).bit_length())
+        name = f"{self.prefix}-{self.made}"
+        self.made += 1
+        fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return size, name, np.frombuffer(mm, dtype=np.uint8)
+
+    def give(self, slot: tuple[int, str, np.ndarray]) -> None:
+        self.free.append(slot)
+
+    def drop(self, slot: tuple[int, str, np.ndarray]) -> None:
+        """A slot an engine may still be reading (its request failed or timed out on the way): not reused; the
+        file goes (an engine that mapped it keeps its mapping until the connection closes)."""
+        (self.folder / slot[1]).unlink(missing_ok=True)
+
+
+class Link:
+    """A worker's connection to one engine, shared by the worker's models; reconnects after the engine restarts."""
+
+    def __init__(self, index: int, device: str, path: Path) -> None:
+        self.index = index
+        self.device = device
+        self.path = path
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self.next_id = 0
+        self.rows = 0  # rows sent and not answered: the worker sends a batch to the least loaded engine
+        self.handles: dict[str, int] = {}  # model key -> the engine's handle for it
+        self.loads: dict[str, dict[str, Any]] = {}  # model key -> its load request, to repeat after a restart
+        self._connecting: asyncio.Future[None] | None = None
+        self._rx: asyncio.Task[None] | None = None
+
+    async def ready(self) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            return
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        fut = self._connecting
+        try:
+            await asyncio.shield(fut)
+        finally:
+            if fut.done() and self._connecting is fut:
+                self._connecting = None
+
+    async def _connect(self) -> None:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                self.reader, self.writer = await asyncio.open_unix_connection(str(self.path), limit=1 << 20)
+                break
+            except (FileNotFoundError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise Closed(f"the engine for {self.device} is not answering; retry shortly") from None
+                await asyncio.sleep(0.1)
+        self._rx = asyncio.get_running_loop().create_task(self._receive(self.reader))
+        self.handles = {}
+        try:
+            for key in list(self.loads):  # a restarted engine loads the worker's models again
+                await self._load(key)
+        except BaseException:
+            self.writer.close()
+            raise
+
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                doc, data = await _read(reader)
+                fut = self.pending.pop(doc["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result((doc, data))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = None
+        lost, self.pending = self.pending, {}
+        for fut in lost.values():
+            if not fut.done():
+                fut.set_exception(Closed(f"the engine for {self.device} stopped while running this request (it is "
+                                         "being restarted); retry"))
+
+    async def _call(self, doc: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        assert self.writer is not None
+        doc["id"] = self.next_id
+        self.next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[doc["id"]] = fut
+        self.writer.write(_frame(doc))
+        return await fut
+
+    async def _load(self, key: str) -> None:
+        answer, _ = await self._call(dict(self.loads[key]))
+        if "error" in answer:
+            _raise(answer, self.device)
+        self.handles[key] = answer["model"]
+
+    async def infer(self, key: str, doc: dict[str, Any], rows: int, timeout_s: float) -> tuple[dict[str, Any], bytes]:
+        await self.ready()
+        if key not in self.handles:  # loaded (by EngineModel.load) after this link connected
+            await self._load(key)
+        doc["model"] = self.handles[key]
+        self.rows += rows
+        try:
+            return await asyncio.wait_for(self._call(doc), timeout_s + 5)
+        except TimeoutError:
+            raise Expired(f"no answer from the engine for {self.device} within {timeout_s * 1e3:.0f} ms") from None
+        finally:
+            self.rows -= rows
+
+
+class _Links:
+    """The links of one worker process (its one event loop), by engine index."""
+
+    def __init__(self) -> None:
+        self.links: dict[int, Link] = {}
+        self.lock = threading.Lock()
+
+    def get(self, index: int, device: str, rundir: Path) -> Link:
+        with self.lock:
+            link = self.links.get(index)
+            if link is None:
+                link = self.links[index] = Link(index, device, socket_path(rundir, index))
+            return link
+
+
+_LINKS = _Links()
+_SLOTS: dict[str, Slots] = {}
+
+
+class EngineModel(ServedModel):
+    """A worker's view of a model that runs in the engines: requests are validated and batched here, and each
+    batch runs on the least loaded engine of the model's devices."""
+
+    def __init__(self, name: str, version_dir: Path, manifest: dict[str, Any], config: ModelConfig, *,
+                 engines: list[str], rundir: str, slots: str, observer: Any = None) -> None:
+        super().__init__(name, version_dir, manifest, config, observer=observer)
+        missing = [d for d in config.devices if d not in engines]
+        if missing:
+            raise KilnError(f"{name} runs on {', '.join(missing)}, which has no engine (engines: {', '.join(engines)})",
+                            hint="give every device of the model's config.toml with --device")
+        where = range(len(engines)) if config.devices == engines else [engines.index(d) for d in config.devices]
+        self.links = [_LINKS.get(i, engines[i], Path(rundir)) for i in where]
+        self.slots = _SLOTS.setdefault(slots, Slots(Path(slots), f"w{os.getpid()}"))
+        self.key = json.dumps([str(version_dir), config.model_dump()], sort_keys=True)
+        doc = {"op": "load", "name": name, "version_dir": str(version_dir)}
+        self.load_doc = {**doc, "config": {k: v for k, v in config.model_dump().items() if k != "devices"}}
+
+    def describe(self) -> str:
+        return f"engine processes on {', '.join(link.device for link in self.links)}"
+
+    def load(self) -> None:
+        """Blocking (in a thread, like ServedModel.load): each engine has the model loaded and warm."""
+        for link in self.links:
+            _blocking_load(link.path, self.load_doc, link.device)
+            link.loads[self.key] = self.load_doc  # asked for again if the engine restarts
+
+    def start(self) -> None:
+        """Batch without waiting: a batch leaves when a slot to an engine is free, with what queued meanwhile;
+        the engines wait out max_delay_ms for the batches of every worker."""
+        c = self.config
+        self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size if self.batched else 1,
+                               max_delay_ms=0, max_queue_size=c.max_queue_size, instances=2 * len(self.links),
+                               adaptive=True, observer=self._observe)
+        self.batcher.start()
+        self.ready = True
+
+    async def stop(self, *, drain_s: float = 30.0) -> None:
+        self.ready = False
+        if self.watch is not None:
+            self.watch.stop()
+        if self.batcher is not None:
+            await self.batcher.stop(drain_s=drain_s)
+
+    async def _run_batch(self, payloads: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        t0 = time.perf_counter_ns()
+        rows = sum(len(p[0]) for p in payloads) if self.batched else 1
+        sizes = [sum(p[k].nbytes for p in payloads) for k in range(len(self.inputs))]
+        slot = self.slots.take(sum(-(-n // ALIGN) * ALIGN for n in sizes))
+        try:
+            inputs, off = [], 0
+            for k, n in enumerate(sizes):
+                parts = [p[k] for p in payloads]
+                if parts[0].dtype.hasobject:
+                    raise KilnError(f"input {self.inputs[k].name} holds Python objects, which cannot go to an engine")
+                shape = [sum(len(a) for a in parts), *parts[0].shape[1:]] if self.batched else list(parts[0].shape)
+                dst = slot[2][off:off + n].view(parts[0].dtype).reshape(shape)
+                if len(parts) == 1:
+                    dst[...] = parts[0]
+                else:
+                    np.concatenate(parts, out=dst)
+                inputs.append([off, shape, parts[0].dtype.str])
+                off += -(-n // ALIGN) * ALIGN
+            link = min(self.links, key=lambda lk: lk.rows)
+            t1 = time.perf_counter_ns()
+            timeout = self.config.timeout_ms / 1e3
+            answer, data = await link.infer(self.key, {"op": "infer", "rows": rows, "timeout": timeout,
+                                                       "slot": slot[1], "inputs": inputs}, rows, timeout)
+        except BaseException:
+            self.slots.drop(slot)  # the engine may still read it: never reuse it
+            raise
+        self.slots.give(slot)
+        t2 = time.perf_counter_ns()
+        if "error" in answer:
+            _raise(answer, link.device)
+        outs, pos = [], 0
+        for shape, dt in answer["outputs"]:
+            n = np.dtype(dt).itemsize * int(np.prod(shape))
+            outs.append(np.frombuffer(data, dtype=dt, count=n // np.dtype(dt).itemsize, offset=pos).reshape(shape))
+            pos += n
+        if len(payloads) == 1:
+            split = [outs]
+        else:
+            bounds = np.cumsum([0] + [len(p[0]) for p in payloads])
+            split = [[o[lo:hi] for o in outs] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        s = self.stats
+        s.compute_input_ns += t1 - t0
+        s.compute_infer_ns += t2 - t1
+        s.compute_output_ns += time.perf_counter_ns() - t2
+        return split
+
+
+def _blocking_load(path: Path, doc: dict[str, Any], device: str) -> None:
+    """Ask an engine to load a model and wait until it has (a plain socket: the worker's loop is not involved)."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            break
+        except (FileNotFoundError, ConnectionError):
+            s.close()
+            if time.monotonic() > deadline:
+                raise KilnError(f"the engine for {device} did not start within {CONNECT_TIMEOUT_S:.0f} s",
+                                hint="see its messages above (kiln serve: engine ...)") from None
+            time.sleep(0.1)
+    with s:
+        s.settimeout(LOAD_TIMEOUT_S)
+        s.sendall(_frame({**doc, "id": 0}))
+        buf = collections.deque[bytes]()
+        got = 0
+
+        def need(n: int) -> bytes:
+            nonlocal got
+            while got < n:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    raise KilnError(f"the engine for {device} stopped while loading the model",
+                                    hint="see its messages above (kiln serve: engine ...)")
+                buf.append(chunk)
+                got += len(chunk)
+            data = b"".join(buf)
+            buf.clear()
+            buf.append(data[n:])
+            got = len(data) - n
+            return data[:n]
+
+        jl, _ = _HEAD.unpack(need(_HEAD.size))
+        answer = json.loads(need(jl))
+    if "error" in answer:
+        raise KilnError(f"the engine for {device} could not load {doc['name']}: {answer['error']}")
+
+
+if __name__ == "__main__":
+    sys.exit(engine_main())
