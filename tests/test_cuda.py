@@ -66,25 +66,40 @@ def test_served_batches_are_merged_straight_into_pinned_memory() -> None:
         np.testing.assert_array_equal(xs[1].numpy(), np.concatenate([p[1] for p in ps]))
     assert not any(x.is_pinned() for x in _merge(payloads, specs, pinned=False))
 
-def test_an_engine_reads_a_page_locked_slot_without_copying(tmp_path: Path) -> None:
-    """--worker-devices engine: the engine page-locks a worker's shared-memory slot, and a batch that is one
-    worker's batch goes to the GPU from the slot itself."""
+def test_an_engine_gathers_rows_from_page_locked_slots_on_the_gpu() -> None:
+    """--worker-devices engine: the engine page-locks the workers' shared-memory slots (tmpfs), and the GPU gathers
+    a batch's rows from them: no host copy. Rows from a request body still go through pinned staging."""
+    import shutil
+    import tempfile
+
     from kiln.server.engine import Engine, Slots
     from kiln.server.model import _merge
     from kiln.spec import TensorSpec
 
-    slots = Slots(tmp_path, "w")
-    size, name, buf = slots.take(3 << 20)
-    image = buf[: 4 * 6 * 3 * 4].view(np.float32).reshape(6, 3, 4)
-    image[...] = np.random.default_rng(0).standard_normal((6, 3, 4))
-    engine = Engine("cuda:0", tmp_path)
-    mapped = engine._map(name)
-    view = mapped[: image.nbytes].view(np.float32).reshape(6, 3, 4)
-    (x,) = _merge([[view]], [TensorSpec.parse("image:float32[batch,3,4]")], pinned=True)
-    assert x.is_pinned() and x.data_ptr() == view.ctypes.data  # the slot itself, no staging copy
-    np.testing.assert_array_equal(x.cuda().cpu().numpy(), image)
-    engine._unmap({name: mapped})
-    assert not torch.from_numpy(view).is_pinned()
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    try:
+        slots = Slots(folder, "w")
+        rng = np.random.default_rng(0)
+        engine, views, images = Engine("cuda:0", folder), [], []
+        for n in (6, 3):  # two workers' batches, in two slots
+            _, name, buf = slots.take(3 << 20)
+            image = buf[: 4 * n * 3 * 4].view(np.float32).reshape(n, 3, 4)
+            image[...] = rng.standard_normal((n, 3, 4))
+            images.append(image.copy())
+            views.append((name, engine._map(name)))
+        specs = [TensorSpec.parse("image:float32[batch,3,4]")]
+        parts = [[m[: len(im) * 48].view(np.float32).reshape(len(im), 3, 4)] for (_, m), im in zip(views, images)]
+        assert all(torch.from_numpy(p[0]).is_pinned() for p in parts)
+        (x,) = _merge(parts, specs, pinned=True, device="cuda:0")
+        assert x.device.type == "cuda" and x.dtype == torch.float32
+        np.testing.assert_array_equal(x.cpu().numpy(), np.concatenate(images))
+        body = [[np.frombuffer(im.tobytes(), np.float32).reshape(im.shape)] for im in images]  # read-only views
+        (y,) = _merge(body, specs, pinned=True, device="cuda:0")
+        assert y.device.type == "cpu" and y.is_pinned()
+        engine._unmap(dict(views))
+        assert not torch.from_numpy(parts[0][0]).is_pinned()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_cuda_build_finds_half_precision_and_graph_variants(weights_dir: Path, tmp_path: Path) -> None:

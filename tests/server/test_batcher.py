@@ -71,6 +71,29 @@ def test_rows_count_against_max_batch_size() -> None:
     run(main())
 
 
+def test_a_smaller_request_behind_one_that_does_not_fit_joins_the_batch() -> None:
+    """Array payloads of different sizes: taking the one that fits from behind one that does not must not compare
+    arrays (an engine batching workers' batches hit this: 30 rows queued ahead of 16, with room for 24)."""
+    import numpy as np
+
+    async def main() -> None:
+        calls: list[list[int]] = []
+
+        async def handler(items: list[Any]) -> list[Any]:
+            calls.append([len(x) for x in items])
+            return [len(x) for x in items]
+
+        b = Batcher(handler, max_batch_size=40, max_delay_ms=50, adaptive=False)
+        b.start()
+        sizes = [16, 30, 16]
+        work = asyncio.gather(*(b.submit(np.zeros((n, 3), np.float32), rows=n) for n in sizes))
+        got = await asyncio.wait_for(work, 10)  # before the fix the batcher's loop died and nothing was answered
+        assert got == sizes and calls == [[16, 16], [30]]
+        await b.stop()
+
+    run(main())
+
+
 def test_window_opens_at_first_request() -> None:
     async def main() -> None:
         rec = Recorder()

@@ -44,7 +44,7 @@ class BatchInfo:
     failed: bool
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes items by it, and payloads (arrays) have no truth value
 class _Item:
     payload: Any
     rows: int

@@ -140,7 +140,8 @@ class ServedModel:
         """In a worker thread: merge rows, run once, split rows back to their requests. Also returns the nanoseconds
         spent on input, inference and output (Triton's compute_input / compute_infer / compute_output)."""
         t0 = time.perf_counter_ns()
-        xs = _merge(payloads, self.inputs, pinned=runner.device.startswith("cuda"))
+        gpu = runner.device.startswith("cuda")
+        xs = _merge(payloads, self.inputs, pinned=gpu, device=runner.device if gpu else None)
         t1 = time.perf_counter_ns()
         raw = runner.run(xs)
         t2 = time.perf_counter_ns()
@@ -168,24 +169,29 @@ class ServedModel:
             self._observer(self, info)
 
 
-_NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-             torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64, torch.int8: np.int8}
-
-
-def _merge(payloads: list[list[np.ndarray]], specs: list[TensorSpec], *, pinned: bool) -> list[torch.Tensor]:
+def _merge(payloads: list[list[np.ndarray]], specs: list[TensorSpec], *, pinned: bool,
+           device: str | None = None) -> list[torch.Tensor]:
     """The requests' arrays of each input as one tensor of the input's dtype, rows in request order.
 
     For a GPU runner the rows are written straight into page-locked memory (torch's caching host allocator), which
-    the host-to-device copy reads without staging: one host copy per batch instead of two (merge, then pin)."""
+    the host-to-device copy reads without staging: one host copy per batch instead of two (merge, then pin). Rows
+    that already lie in page-locked memory (an engine's shared-memory slots, kiln.server.engine) are not copied on
+    the host at all: the GPU gathers them into one tensor on `device`."""
     out = []
     for k, spec in enumerate(specs):
         parts = [p[k] for p in payloads]
+        if pinned and device is not None and parts[0].ndim:
+            locked = _page_locked(parts)
+            if locked is not None:
+                dst = torch.empty((sum(len(t) for t in locked), *locked[0].shape[1:]), dtype=spec.torch_dtype,
+                                  device=device)
+                lo = 0
+                for t in locked:  # on the device's current stream, which the runner's work follows
+                    dst[lo:lo + len(t)].copy_(t, non_blocking=True)
+                    lo += len(t)
+                out.append(dst)
+                continue
         if pinned and spec.torch_dtype != torch.bfloat16 and parts[0].ndim:
-            if len(parts) == 1 and parts[0].flags.writeable and parts[0].dtype == _NP_DTYPE.get(spec.torch_dtype):
-                t = torch.from_numpy(parts[0])
-                if t.is_pinned():  # an engine's page-locked shared-memory slot (kiln.server.engine): no copy at all
-                    out.append(t)
-                    continue
             dst = torch.empty((sum(len(a) for a in parts), *parts[0].shape[1:]), dtype=spec.torch_dtype, pin_memory=True)
             if len(parts) == 1:
                 dst.numpy()[...] = parts[0]
@@ -197,3 +203,15 @@ def _merge(payloads: list[list[np.ndarray]], specs: list[TensorSpec], *, pinned:
         # Binary request data arrives as read-only views of the body; torch wants writable memory.
         out.append(torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a)).to(spec.torch_dtype))
     return out
+
+
+def _page_locked(parts: list[np.ndarray]) -> list[torch.Tensor] | None:
+    """The parts as tensors when every one lies in page-locked host memory, else None. Request bodies are read-only
+    views, so the common case costs one flag test."""
+    if not all(a.flags.writeable and a.flags.c_contiguous and not a.dtype.hasobject for a in parts):
+        return None
+    try:
+        tensors = [torch.from_numpy(a) for a in parts]
+    except TypeError:  # a dtype torch has no tensor for
+        return None
+    return tensors if all(t.is_pinned() for t in tensors) else None
