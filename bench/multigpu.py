@@ -49,6 +49,7 @@ from kiln.predict import predict  # noqa: E402
 
 VARIANT = "eager/fp16+bnfold+channels_last+cudagraphs"
 SPINCOUNT = ""  # --gomp-spincount
+INSTANCES = ""  # --instances
 
 
 def build(work: Path) -> Path:
@@ -155,7 +156,9 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
         cmd += ["--device", d]
     if mode != "share":
         cmd += ["--worker-devices", mode]
-    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}-{mode}.log"
+    if INSTANCES:
+        cmd += ["--instances", INSTANCES]
+    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}-{mode}{'-i' + INSTANCES if INSTANCES else ''}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     if SPINCOUNT:  # OpenMP's spin after a parallel region: 300000 is libgomp's own default (kiln's workers use 0)
         env["GOMP_SPINCOUNT"] = SPINCOUNT
@@ -184,7 +187,8 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
                 cpu, util = cpu_seconds(proc.pid) - cpu0, gpus.stop()
                 busy = sorted(((v - threads0.get(k, 0.0)) / wall for k, v in thread_cpu(proc.pid).items()), reverse=True)
             done = sum(r[1] for r in res)
-            out.append({"devices": devices, "workers": workers, "mode": mode, "images_per_request": images,
+            out.append({"devices": devices, "workers": workers, "mode": mode, "instances": INSTANCES or "1",
+                        "images_per_request": images,
                         "clients": procs * conc, "busiest_threads_cores": [round(b, 3) for b in busy[:workers + len(devices)]],
                         "gpu_util_percent": util,
                         "requests": done, "errors": sum(r[2] for r in res), "req_per_s": done / wall,
@@ -217,9 +221,11 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: alone, predict")
     p.add_argument("--gomp-spincount", default="", help="GOMP_SPINCOUNT for the servers: 300000 is libgomp's default "
                    "spin, which kiln's workers turn off (OMP_WAIT_POLICY=PASSIVE); for an A/B")
+    p.add_argument("--instances", default="", help="kiln serve --instances: model instances per device (per worker, "
+                   "or per engine with --worker-devices engine); default: the server's (1)")
     args = p.parse_args()
-    global SPINCOUNT
-    SPINCOUNT = args.gomp_spincount
+    global SPINCOUNT, INSTANCES
+    SPINCOUNT, INSTANCES = args.gomp_spincount, args.instances
     skip = set(filter(None, args.skip.split(",")))
     n = torch.cuda.device_count()
     if n < 2:
