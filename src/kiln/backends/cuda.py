@@ -82,6 +82,18 @@ def _indexed(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
 
 
+_CAPTURE_LOCKS: dict[torch.device, threading.Lock] = {}
+_CAPTURE_LOCKS_LOCK = threading.Lock()
+
+
+def _capturing(device: torch.device) -> threading.Lock:
+    """The process's capture lock for `device`. Two instances of a model on one GPU (--instances 2) capturing a
+    bucket each at the same time made the caching allocator refuse the second ("beginAllocateToPool: already
+    recording to mempool_id", bench/multigpu.py --instances 2): captures are rare, replays take no such lock."""
+    with _CAPTURE_LOCKS_LOCK:
+        return _CAPTURE_LOCKS.setdefault(device, threading.Lock())
+
+
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, static_in: list[torch.Tensor], static_out: list[torch.Tensor]) -> None:
         self.graph, self.static_in, self.static_out = graph, static_in, static_out
@@ -111,7 +123,8 @@ class GraphBuckets:
             if g is None:
                 if len(self.graphs) >= MAX_GRAPHS:
                     return list(self.fn(xs))
-                g = self.graphs[key] = self._capture(bucket, xs)
+                with _capturing(self.device):  # one capture at a time per device, whichever instance captures
+                    g = self.graphs[key] = self._capture(bucket, xs)
             for s, x in zip(g.static_in, xs):
                 s[:n].copy_(x, non_blocking=True)
             g.graph.replay()
