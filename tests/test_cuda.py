@@ -35,6 +35,45 @@ def test_graph_buckets_pad_slice_and_match_eager() -> None:
     assert sorted(k[0] for k in graphs.graphs) == [1, 4, 16]  # 40 ran without a graph
 
 
+def test_two_instances_capture_their_graphs_at_the_same_time() -> None:
+    """`--instances 2` on one GPU: both instances meet new batch sizes at once and capture concurrently, from two
+    threads (bench/multigpu.py --instances 2 failed with "already recording to mempool_id" before captures took a
+    per-device lock)."""
+    import threading
+
+    from kiln.backends import cuda
+
+    model = zoo.seeded(zoo.MLP).cuda()
+
+    def call(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [model(xs[0])]
+
+    buckets = [1, 2, 4, 8, 16, 32, 64]
+    instances = [cuda.GraphBuckets(call, "cuda", buckets) for _ in range(2)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def serve(graphs: cuda.GraphBuckets, sizes: list[int]) -> None:
+        start.wait()
+        try:
+            for n in sizes:
+                x = torch.randn(n, 16, device="cuda")
+                got = graphs([x])[0]
+                with torch.inference_mode():
+                    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(g, order)) for g, order in zip(instances, (buckets, buckets[::-1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(len(g.graphs) == len(buckets) for g in instances)
+
+
 def test_runner_moves_host_inputs_and_returns_host_outputs() -> None:
     from kiln.backends import cuda
 
