@@ -37,8 +37,8 @@ def test_graph_buckets_pad_slice_and_match_eager() -> None:
 
 def test_two_instances_capture_their_graphs_at_the_same_time() -> None:
     """`--instances 2` on one GPU: both instances meet new batch sizes at once and capture concurrently, from two
-    threads (bench/multigpu.py --instances 2 failed with "already recording to mempool_id" before captures took a
-    per-device lock)."""
+    threads. Before captures took a per-device lock this failed every time on an H200 ("operation not permitted
+    when stream is capturing"; bench/multigpu.py --instances 2 saw "already recording to mempool_id")."""
     import threading
 
     from kiln.backends import cuda
@@ -54,11 +54,13 @@ def test_two_instances_capture_their_graphs_at_the_same_time() -> None:
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
+    inputs = {n: torch.randn(n, 16, device="cuda") for n in buckets}  # no RNG while another thread captures
+
     def serve(graphs: cuda.GraphBuckets, sizes: list[int]) -> None:
         start.wait()
         try:
             for n in sizes:
-                x = torch.randn(n, 16, device="cuda")
+                x = inputs[n]
                 got = graphs([x])[0]
                 with torch.inference_mode():
                     torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
