@@ -17,6 +17,10 @@ import zoo
 from support import ZOO
 
 os.environ.setdefault("KILN_ORT_THREADS", "1")  # two cores, and pytest is not alone on them
+# AOTInductor compiles its C++ wrapper (glue around the kernels) at -O1; for the suite's tiny models that compile is
+# most of an AOTI build, and -O0 takes 1-2 s less per package (the kernels keep -O3). Builds in subprocesses
+# (make demo, the CLI tests) inherit it.
+os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")
 
 
 @pytest.fixture(scope="session")

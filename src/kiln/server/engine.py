@@ -168,7 +168,7 @@ class Engine:
                           for off, shape, dt in doc["inputs"]]
                 key = tuple(a.shape[1:] for a in arrays) if served.batched else None
                 outs = await served.batcher.submit(arrays, rows=doc["rows"], key=key, timeout_s=doc["timeout"])
-                outs = [np.ascontiguousarray(o) for o in outs]
+                outs = [np.require(o, requirements="C") for o in outs]  # keeps 0-d outputs 0-d
                 reply = {"id": rid, "outputs": [[list(o.shape), o.dtype.str] for o in outs]}
                 chunks = [memoryview(o).cast("B") for o in outs]
             else:
