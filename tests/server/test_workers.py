@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 
 from kiln.server.peers import merge_metrics, merge_statistics
-from v2client import wait_ready
+from v2client import check_two, wait_ready
 
 from .conftest import free_port
 
@@ -154,7 +154,7 @@ def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Pa
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
-                             "--models", "digits", "--grace-s", "5", "--device", "cpu", "--device", "cpu",
+                             "--models", "digits,two", "--grace-s", "5", "--device", "cpu", "--device", "cpu",
                              "--worker-devices", "engine"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runner = kiln.load(serve_repo / "digits")
     x = np.random.default_rng(2).standard_normal((7, 1, 8, 8)).astype(np.float32)
@@ -168,6 +168,8 @@ def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Pa
             assert r.status_code == 200, r.text
             got = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(7, 10)
             np.testing.assert_allclose(got, runner(x), rtol=1e-5, atol=1e-5)
+        _, a, b, score = check_two(url)  # two inputs, two outputs, JSON and binary, through tritonclient
+        np.testing.assert_allclose(score, kiln.load(serve_repo / "two")(a, b)["score"], rtol=1e-5, atol=1e-5)
         bad = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 7], "data": [0.0] * 56}]}
         r = httpx.post(f"{url}/v2/models/digits/infer", json=bad, timeout=30)
         assert r.status_code == 400 and "fix the shape" in r.text  # validated by the worker, never sent on
@@ -192,6 +194,7 @@ def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Pa
             proc.kill()
     err = proc.stderr.read() if proc.stderr else ""
     assert "engine processes on cpu, cpu) ready" in err and err.count("engine on cpu: digits version") >= 3, err[-3000:]
+    assert err.count("engine on cpu: two version") >= 2
     assert f"engine on cpu (pid {engines[0]}) died (killed by signal 9); restarting it" in err
     assert "rows per batch" in err and "Traceback" not in err, err[-3000:]
     assert not any(d.exists() for d in slots)  # the supervisor removed the shared memory
