@@ -42,7 +42,7 @@ import numpy as np
 
 from kiln import repository
 from kiln.errors import KilnError
-from kiln.server.batcher import Batcher, Closed, Expired, QueueFull
+from kiln.server.batcher import Closed, Expired, QueueFull
 from kiln.server.config import ModelConfig
 from kiln.server.model import ServedModel
 
@@ -444,22 +444,11 @@ class EngineModel(ServedModel):
             _blocking_load(link.path, self.load_doc, link.device)
             link.loads[self.key] = self.load_doc  # asked for again if the engine restarts
 
-    def start(self) -> None:
-        """Batch without waiting: a batch leaves when a slot to an engine is free, with what queued meanwhile;
-        the engines wait out max_delay_ms for the batches of every worker."""
-        c = self.config
-        self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size if self.batched else 1,
-                               max_delay_ms=0, max_queue_size=c.max_queue_size, instances=2 * len(self.links),
-                               adaptive=True, observer=self._observe)
-        self.batcher.start()
-        self.ready = True
-
-    async def stop(self, *, drain_s: float = 30.0) -> None:
-        self.ready = False
-        if self.watch is not None:
-            self.watch.stop()
-        if self.batcher is not None:
-            await self.batcher.stop(drain_s=drain_s)
+    def _batching(self) -> dict[str, Any]:
+        """Batch without waiting: a batch leaves when one of two in-flight places per engine is free, with what
+        queued meanwhile; the engines wait out max_delay_ms for the batches of every worker."""
+        return {**super()._batching(), "max_delay_ms": 0, "preferred_batch_sizes": (), "adaptive": True,
+                "instances": 2 * len(self.links)}
 
     async def _run_batch(self, payloads: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         t0 = time.perf_counter_ns()

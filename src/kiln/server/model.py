@@ -92,18 +92,21 @@ class ServedModel:
 
     def start(self) -> None:
         """Start batching on the running loop; the model is ready afterwards."""
-        self._free = asyncio.Queue()
-        for r in self.runners:
-            self._free.put_nowait(r)
-        self._pool = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"kiln-{self.name}")
-        c = self.config
-        self.batcher = Batcher(self._run_batch, max_batch_size=c.max_batch_size if self.batched else 1,
-                               max_delay_ms=c.max_delay_ms, max_queue_size=c.max_queue_size,
-                               preferred_batch_sizes=c.preferred_batch_sizes, instances=len(self.runners),
-                               adaptive=c.adaptive_batching,
-                               observer=self._observe)
+        if self.runners:
+            self._free = asyncio.Queue()
+            for r in self.runners:
+                self._free.put_nowait(r)
+            self._pool = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"kiln-{self.name}")
+        self.batcher = Batcher(self._run_batch, **self._batching())
         self.batcher.start()
         self.ready = True
+
+    def _batching(self) -> dict[str, Any]:
+        """The batcher's settings: one batch in flight per runner."""
+        c = self.config
+        return {"max_batch_size": c.max_batch_size if self.batched else 1, "max_delay_ms": c.max_delay_ms,
+                "max_queue_size": c.max_queue_size, "preferred_batch_sizes": c.preferred_batch_sizes,
+                "instances": len(self.runners), "adaptive": c.adaptive_batching, "observer": self._observe}
 
     async def stop(self, *, drain_s: float = 30.0) -> None:
         self.ready = False
