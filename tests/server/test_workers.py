@@ -187,6 +187,16 @@ def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Pa
             answered += r.status_code == 200
         assert len(set(_children(proc.pid)) - set(children)) == 1  # the new engine
 
+        worker = next(pid for pid in children if pid not in engines)  # a worker's crash frees its slots
+        mine = [f for d in slots for f in d.glob(f"w{worker}-*")]
+        assert mine, "both workers sent batches (requests over fresh connections)"
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while any(f.exists() for f in mine) or len(_children(proc.pid)) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        wait_ready(url, proc)
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -58,6 +58,11 @@ def socket_path(rundir: str | Path, index: int) -> Path:
     return Path(rundir) / f"engine-{index}.sock"
 
 
+def slot_prefix(pid: int) -> str:
+    """The names of a worker's slots start with this (the supervisor removes a dead worker's)."""
+    return f"w{pid}"
+
+
 def shm_dir(rundir: Path) -> Path:
     """Where workers put their slots: a folder on tmpfs (/dev/shm) when there is one, else in the run folder."""
     base = Path("/dev/shm")
@@ -100,9 +105,10 @@ def _raise(doc: dict[str, Any], where: str) -> None:
 class Engine:
     """One device's models, shared by every worker that connects."""
 
-    def __init__(self, device: str, slots: Path) -> None:
+    def __init__(self, device: str, slots: Path, threads: int | None = None) -> None:
         self.device = device
         self.slots = slots
+        self.threads = threads  # each runtime's intra-op threads unless the model's config sets them
         self.models: list[ServedModel] = []
         self._loading: dict[str, asyncio.Task[int]] = {}
         self.clients: set[asyncio.Task[Any]] = set()
@@ -119,7 +125,8 @@ class Engine:
 
     async def _load(self, doc: dict[str, Any]) -> int:
         vdir, manifest = repository.resolve(doc["version_dir"])
-        config = ModelConfig(**{**doc["config"], "devices": [self.device], "shadow_rate": 0.0})
+        config = ModelConfig(**{**doc["config"], "devices": [self.device], "shadow_rate": 0.0,
+                                "threads": doc["config"].get("threads") or self.threads})
         served = ServedModel(doc["name"], vdir, manifest, config)
         await asyncio.to_thread(served.load)
         served.start()
@@ -228,7 +235,7 @@ class Engine:
 
 
 async def _engine(doc: dict[str, Any], sock: socket.socket) -> int:
-    engine = Engine(doc["device"], Path(doc["slots"]))
+    engine = Engine(doc["device"], Path(doc["slots"]), doc.get("threads"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -430,7 +437,7 @@ class EngineModel(ServedModel):
                             hint="give every device of the model's config.toml with --device")
         where = range(len(engines)) if config.devices == engines else [engines.index(d) for d in config.devices]
         self.links = [_LINKS.get(i, engines[i], Path(rundir)) for i in where]
-        self.slots = _SLOTS.setdefault(slots, Slots(Path(slots), f"w{os.getpid()}"))
+        self.slots = _SLOTS.setdefault(slots, Slots(Path(slots), slot_prefix(os.getpid())))
         self.key = json.dumps([str(version_dir), config.model_dump()], sort_keys=True)
         doc = {"op": "load", "name": name, "version_dir": str(version_dir)}
         self.load_doc = {**doc, "config": {k: v for k, v in config.model_dump().items() if k != "devices"}}

@@ -93,9 +93,10 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
     if settings.grpc_port is not None:  # the workers' gRPC servers share it through SO_REUSEPORT
         _probe(settings.host, settings.grpc_port, "--grpc-port")
     settings.port = socks[0].getsockname()[1]
-    settings.defaults = {"threads": share_of_cores(count), **settings.defaults}
-    rundir = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
     devices = (settings.overrides.get("devices") or []) if settings.worker_devices == "engine" else []
+    if not devices:  # with engines the workers run no model: the engines share the cores instead
+        settings.defaults = {"threads": share_of_cores(count), **settings.defaults}
+    rundir = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
     esocks, slots = [engine.listen(rundir, i) for i in range(len(devices))], None
     if devices:
         slots = engine.shm_dir(rundir)
@@ -162,6 +163,9 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
                     break
                 print(f"kiln serve: {who} (pid {p.pid}) died ({how}); restarting it", file=sys.stderr, flush=True)
                 if i >= 0:
+                    if slots is not None:  # its shared-memory slots die with it (a new worker makes its own)
+                        for f in slots.glob(f"{engine.slot_prefix(p.pid)}-*"):
+                            f.unlink(missing_ok=True)
                     procs[i] = spawn(i)
                 else:
                     engines[-1 - i] = spawn_engine(-1 - i)
