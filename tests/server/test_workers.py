@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from kiln.server.peers import merge_metrics, merge_statistics
 from v2client import check_two, wait_ready
@@ -210,7 +211,11 @@ def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Pa
     assert not any(d.exists() for d in slots)  # the supervisor removed the shared memory
 
 
-def test_workers_refuse_a_taken_port_and_a_bad_count(serve_repo: Path) -> None:
+def test_workers_refuse_a_taken_port_and_a_bad_count(serve_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any process starts. The first refusal goes through a real `kiln serve` process; the others
+    call the same CLI in this process (each Python start with torch costs seconds)."""
+    from kiln.cli import main
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -218,15 +223,14 @@ def test_workers_refuse_a_taken_port_and_a_bad_count(serve_repo: Path) -> None:
         p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
                             "--models", "digits"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in p.stderr and "--port" in p.stderr, p.stderr
-    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--workers", "0"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "--workers 0: give at least 1" in p.stderr and "Traceback" not in p.stderr
-    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--workers", "3", "--device", "cpu",
-                        "--device", "cpu", "--worker-devices", "split"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "--workers a multiple of their count (got 2 device(s), 3 worker(s))" in p.stderr, p.stderr
-    p = subprocess.run([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--worker-devices", "engine"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "--worker-devices engine needs the devices" in p.stderr and "--device cuda:0" in p.stderr
+    assert "Traceback" not in p.stderr
+    for argv, message in ((["--workers", "0"], "--workers 0: give at least 1"),
+                          (["--workers", "3", "--device", "cpu", "--device", "cpu", "--worker-devices", "split"],
+                           "--workers a multiple of their count (got 2 device(s), 3 worker(s))"),
+                          (["--worker-devices", "engine"], "--worker-devices engine needs the devices")):
+        assert main(["serve", str(serve_repo), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "hint:" in err, err
 
 
 def test_merged_metrics_sum_counters_and_keep_figures_per_worker() -> None:
