@@ -3,11 +3,13 @@ drain together on SIGTERM."""
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,7 +158,8 @@ def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Pa
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
                              "--models", "digits,two", "--grace-s", "5", "--device", "cpu", "--device", "cpu",
-                             "--worker-devices", "engine"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--worker-devices", "engine"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, for the Ctrl-C below
     runner = kiln.load(serve_repo / "digits")
     x = np.random.default_rng(2).standard_normal((7, 1, 8, 8)).astype(np.float32)
     body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
@@ -198,8 +201,25 @@ def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Pa
             time.sleep(0.2)
         wait_ready(url, proc)
 
-        proc.send_signal(signal.SIGTERM)
+        codes: list[int] = []
+
+        def clients() -> None:
+            with httpx.Client(timeout=30) as c:
+                while len(codes) < 2000:
+                    try:
+                        codes.append(c.post(f"{url}/v2/models/digits/infer", json=body).status_code)
+                    except httpx.HTTPError:
+                        return
+
+        load = [threading.Thread(target=clients) for _ in range(4)]
+        for t in load:
+            t.start()
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches every process: the engines must outlive the drain
         assert proc.wait(timeout=30) == 0
+        for t in load:
+            t.join()
+        assert codes and set(codes) <= {200, 503}, collections.Counter(codes)  # 503: arrived during the drain
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -238,8 +238,10 @@ async def _engine(doc: dict[str, Any], sock: socket.socket) -> int:
     engine = Engine(doc["device"], Path(doc["slots"]), doc.get("threads"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # The supervisor sends SIGTERM once the workers have drained. Ctrl-C reaches the whole process group at once:
+    # an engine that stopped on it would fail the requests the workers are still draining.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = await asyncio.start_unix_server(engine.client, sock=sock, limit=1 << 20)
     await stop.wait()
     server.close()  # the workers drained before the supervisor stopped the engines
@@ -377,7 +379,8 @@ class Link:
                                          "being restarted); retry"))
 
     async def _call(self, doc: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        assert self.writer is not None
+        if self.writer is None or self.writer.is_closing():  # lost between ready() and here
+            raise Closed(f"the engine for {self.device} is not connected (it is being restarted); retry")
         doc["id"] = self.next_id
         self.next_id += 1
         fut = asyncio.get_running_loop().create_future()

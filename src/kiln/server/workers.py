@@ -9,6 +9,10 @@ unless it is set: by default libgomp keeps a worker's torch threads spinning for
 region (a batch's copies), burning the cores the other workers' front ends need (see WORKER_ENV). The workers
 answer as one server where it matters: see kiln.server.peers.
 
+With `--worker-devices engine` the supervisor first starts one engine process per device (kiln.server.engine), on
+a Unix socket it binds and holds; the workers then run no model and hand their batches to the engines. Engines are
+restarted like workers, and stopped after the workers have drained.
+
 The supervisor restarts a worker that dies (a crash, an uncaught exception, the OOM killer), holding its socket
 meanwhile so that connections wait in its backlog rather than being refused; it gives up when workers die more than
 MAX_RESTARTS times in RESTART_WINDOW_S. A worker that could load no model exits NO_MODEL, which stops the server
