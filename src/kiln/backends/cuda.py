@@ -88,8 +88,9 @@ _CAPTURE_LOCKS_LOCK = threading.Lock()
 
 def _capturing(device: torch.device) -> threading.Lock:
     """The process's capture lock for `device`. Two instances of a model on one GPU (--instances 2) capturing a
-    bucket each at the same time made the caching allocator refuse the second ("beginAllocateToPool: already
-    recording to mempool_id", bench/multigpu.py --instances 2): captures are rare, replays take no such lock."""
+    bucket each at the same time fail ("already recording to mempool_id" in bench/multigpu.py --instances 2,
+    "operation not permitted when stream is capturing" in tests/test_cuda.py): captures are rare, replays take no
+    such lock."""
     with _CAPTURE_LOCKS_LOCK:
         return _CAPTURE_LOCKS.setdefault(device, threading.Lock())
 
