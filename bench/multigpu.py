@@ -107,8 +107,9 @@ def _load(args: tuple[int, bytes, int, int, int]) -> tuple[float, int, int, floa
     return elapsed, len(lat), errors, time.process_time() - cpu0
 
 
-def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
-    """CPU seconds of every thread of a process and its children, keyed by (pid, tid)."""
+def thread_cpu(pid: int) -> dict[tuple[int, int, str], float]:
+    """CPU seconds of every thread of a process and its children, keyed by (pid, tid, name): kiln names its event
+    loops worker-<i> and engine-<device>, and its runner threads run-<model>."""
     from serve import process_tree
 
     tick = os.sysconf("SC_CLK_TCK")
@@ -116,10 +117,12 @@ def thread_cpu(pid: int) -> dict[tuple[int, int], float]:
     for proc in sorted(process_tree(pid)):
         for t in Path(f"/proc/{proc}/task").glob("*"):
             try:
-                f = (t / "stat").read_text().rsplit(")", 1)[1].split()
+                text = (t / "stat").read_text()
             except OSError:
                 continue
-            out[(proc, int(t.name))] = (int(f[11]) + int(f[12])) / tick
+            name, _, rest = text.split("(", 1)[1].rpartition(")")
+            f = rest.split()
+            out[(proc, int(t.name), name)] = (int(f[11]) + int(f[12])) / tick
     return out
 
 
@@ -185,11 +188,13 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
                 res = pool.map(_load, [(port, req, total // procs, conc, images)] * procs)
                 wall = time.perf_counter() - t0
                 cpu, util = cpu_seconds(proc.pid) - cpu0, gpus.stop()
-                busy = sorted(((v - threads0.get(k, 0.0)) / wall for k, v in thread_cpu(proc.pid).items()), reverse=True)
+                busy = sorted((((v - threads0.get(k, 0.0)) / wall, k[2]) for k, v in thread_cpu(proc.pid).items()),
+                              reverse=True)
             done = sum(r[1] for r in res)
             out.append({"devices": devices, "workers": workers, "mode": mode, "instances": INSTANCES or "1",
                         "images_per_request": images,
-                        "clients": procs * conc, "busiest_threads_cores": [round(b, 3) for b in busy[:workers + len(devices)]],
+                        "clients": procs * conc, "busiest_threads_cores": [round(b, 3) for b, _ in busy[:workers + len(devices)]],
+                        "busiest_threads": [[name, round(b, 3)] for b, name in busy[:2 * (workers + len(devices))]],
                         "gpu_util_percent": util,
                         "requests": done, "errors": sum(r[2] for r in res), "req_per_s": done / wall,
                         "img_per_s": done * images / wall, "server_cpu_cores": cpu / wall,
@@ -296,6 +301,8 @@ def main() -> int:
 
 
 def _top(row: dict[str, Any]) -> str:
+    if "busiest_threads" in row:
+        return ",".join(f"{name} {b:.2f}" for name, b in row["busiest_threads"][:4])
     return ",".join(f"{b:.2f}" for b in row.get("busiest_threads_cores", [])[:4])
 
 

@@ -44,7 +44,7 @@ from kiln import repository
 from kiln.errors import KilnError
 from kiln.server.batcher import Closed, Expired, QueueFull
 from kiln.server.config import ModelConfig
-from kiln.server.model import ServedModel
+from kiln.server.model import ServedModel, name_thread
 
 ENV = "KILN_SERVE_ENGINE"  # the engine's settings, as JSON
 _HEAD = struct.Struct("<II")  # header length, data length
@@ -235,6 +235,7 @@ class Engine:
 
 
 async def _engine(doc: dict[str, Any], sock: socket.socket) -> int:
+    name_thread(f"engine-{doc['device']}")  # its event loop; the runner threads are run-<model>
     engine = Engine(doc["device"], Path(doc["slots"]), doc.get("threads"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

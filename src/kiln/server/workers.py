@@ -39,6 +39,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.server import engine
+from kiln.server.model import name_thread
 from kiln.server.peers import Peers, socket_path
 from kiln.server.run import BACKLOG, EXIT_MARGIN_S, Settings, serve
 
@@ -202,6 +203,7 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
 def worker_main() -> int:
     """A worker: the settings from the environment, the inherited listening socket, a Unix socket for the others."""
     doc = json.loads(os.environ.pop(ENV))
+    name_thread(f"worker-{doc['index']}")  # its event loop
     settings = Settings(**{**doc["settings"], "worker": (doc["index"], doc["count"])})
     tcp = socket.socket(fileno=doc["fd"])
     path = socket_path(doc["rundir"], doc["index"])
