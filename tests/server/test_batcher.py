@@ -183,6 +183,24 @@ def test_a_failing_request_fails_alone() -> None:
     run(main())
 
 
+def test_a_refusal_from_downstream_fails_the_batch_without_retries() -> None:
+    """An engine's full queue (or deadline, or restart) is nobody's fault: every request gets it, none is re-sent."""
+    async def main() -> None:
+        calls: list[int] = []
+
+        async def handler(items: list[Any]) -> list[Any]:
+            calls.append(len(items))
+            raise QueueFull("the engine's queue is full")
+
+        b = Batcher(handler, max_batch_size=8, max_delay_ms=20, adaptive=False)
+        b.start()
+        got = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(g, QueueFull) for g in got) and calls == [3]
+        await b.stop()
+
+    run(main())
+
+
 def test_queue_bound() -> None:
     async def main() -> None:
         rec = Recorder(gated=True)

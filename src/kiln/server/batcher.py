@@ -243,8 +243,10 @@ class Batcher:
                     raise RuntimeError(f"batch handler returned {len(results)} results for {len(batch)} requests")
             except Exception as e:
                 failed = True
-                if len(batch) == 1:
-                    results = [e]
+                if len(batch) == 1 or isinstance(e, (QueueFull, Expired, Closed)):
+                    # one request; or a refusal from further down (an engine's full queue, its deadline, its restart):
+                    # no request is the culprit, and sending each again alone would only add load
+                    results = [e] * len(batch)
                 else:  # isolate the culprit: each request alone
                     results = []
                     for it in batch:
