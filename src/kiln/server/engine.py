@@ -343,6 +343,7 @@ class Link:
                 self._connecting = None
 
     async def _connect(self) -> None:
+        self._fail_pending()  # sent on a connection that is gone: no answer will come
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while True:
             try:
@@ -352,7 +353,7 @@ class Link:
                 if time.monotonic() > deadline:
                     raise Closed(f"the engine for {self.device} is not answering; retry shortly") from None
                 await asyncio.sleep(0.1)
-        self._rx = asyncio.get_running_loop().create_task(self._receive(self.reader))
+        self._rx = asyncio.get_running_loop().create_task(self._receive(self.reader, self.writer))
         self.handles = {}
         try:
             for key in list(self.loads):  # a restarted engine loads the worker's models again
@@ -361,7 +362,7 @@ class Link:
             self.writer.close()
             raise
 
-    async def _receive(self, reader: asyncio.StreamReader) -> None:
+    async def _receive(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 doc, data = await _read(reader)
@@ -370,9 +371,12 @@ class Link:
                     fut.set_result((doc, data))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        if self.writer is not None:
-            self.writer.close()
-        self.writer = None
+        writer.close()
+        if self.writer is writer:  # not already replaced by a new connection (whose requests are not ours to fail)
+            self.writer = None
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
         lost, self.pending = self.pending, {}
         for fut in lost.values():
             if not fut.done():
