@@ -193,7 +193,8 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
             done = sum(r[1] for r in res)
             out.append({"devices": devices, "workers": workers, "mode": mode, "instances": INSTANCES or "1",
                         "images_per_request": images,
-                        "clients": procs * conc, "busiest_threads_cores": [round(b, 3) for b, _ in busy[:workers + len(devices)]],
+                        "clients": procs * conc,
+                        # [thread name, cores]; results before 2026-11-23 have busiest_threads_cores (cores only)
                         "busiest_threads": [[name, round(b, 3)] for b, name in busy[:2 * (workers + len(devices))]],
                         "gpu_util_percent": util,
                         "requests": done, "errors": sum(r[2] for r in res), "req_per_s": done / wall,

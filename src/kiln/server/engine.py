@@ -25,7 +25,6 @@ trips to the engines); each engine prints its own batch sizes to stderr when it 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import mmap
 import os
@@ -33,7 +32,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -112,8 +110,7 @@ class Engine:
         self.models: list[ServedModel] = []
         self._loading: dict[str, asyncio.Task[int]] = {}
         self.clients: set[asyncio.Task[Any]] = set()
-        self.pin = device.startswith("cuda")
-        self.registered: set[int] = set()
+        self.pin = device.startswith("cuda")  # page-lock the slots it maps (_map refuses a slot it cannot lock)
 
     async def load(self, doc: dict[str, Any]) -> int:
         """The handle of the model a worker asks for, loading it first if no worker asked for it before."""
@@ -210,7 +207,6 @@ class Engine:
             if err:
                 raise KilnError(f"cannot page-lock a {buf.nbytes >> 20} MiB shared-memory slot (CUDA error {err})",
                                 hint="raise the locked-memory limit (ulimit -l), or serve without --worker-devices engine")
-            self.registered.add(buf.ctypes.data)
         return buf
 
     def _unmap(self, maps: dict[str, np.ndarray]) -> None:
@@ -218,9 +214,7 @@ class Engine:
             import torch
 
             for buf in maps.values():
-                if buf.ctypes.data in self.registered:
-                    self.registered.discard(buf.ctypes.data)
-                    torch.cuda.cudart().cudaHostUnregister(buf.ctypes.data)
+                torch.cuda.cudart().cudaHostUnregister(buf.ctypes.data)
         maps.clear()  # the mmaps close once nothing views them (a running batch may still)
 
     def summary(self) -> str:
@@ -316,8 +310,7 @@ class Slots:
 class Link:
     """A worker's connection to one engine, shared by the worker's models; reconnects after the engine restarts."""
 
-    def __init__(self, index: int, device: str, path: Path) -> None:
-        self.index = index
+    def __init__(self, device: str, path: Path) -> None:
         self.device = device
         self.path = path
         self.reader: asyncio.StreamReader | None = None
@@ -413,22 +406,7 @@ class Link:
             self.rows -= rows
 
 
-class _Links:
-    """The links of one worker process (its one event loop), by engine index."""
-
-    def __init__(self) -> None:
-        self.links: dict[int, Link] = {}
-        self.lock = threading.Lock()
-
-    def get(self, index: int, device: str, rundir: Path) -> Link:
-        with self.lock:
-            link = self.links.get(index)
-            if link is None:
-                link = self.links[index] = Link(index, device, socket_path(rundir, index))
-            return link
-
-
-_LINKS = _Links()
+_LINKS: dict[int, Link] = {}  # this worker process's links (its one event loop), by engine index
 _SLOTS: dict[str, Slots] = {}
 
 
@@ -444,7 +422,7 @@ class EngineModel(ServedModel):
             raise KilnError(f"{name} runs on {', '.join(missing)}, which has no engine (engines: {', '.join(engines)})",
                             hint="give every device of the model's config.toml with --device")
         where = range(len(engines)) if config.devices == engines else [engines.index(d) for d in config.devices]
-        self.links = [_LINKS.get(i, engines[i], Path(rundir)) for i in where]
+        self.links = [_LINKS.setdefault(i, Link(engines[i], socket_path(rundir, i))) for i in where]
         self.slots = _SLOTS.setdefault(slots, Slots(Path(slots), slot_prefix(os.getpid())))
         self.key = json.dumps([str(version_dir), config.model_dump()], sort_keys=True)
         doc = {"op": "load", "name": name, "version_dir": str(version_dir)}
@@ -527,29 +505,16 @@ def _blocking_load(path: Path, doc: dict[str, Any], device: str) -> None:
                 raise KilnError(f"the engine for {device} did not start within {CONNECT_TIMEOUT_S:.0f} s",
                                 hint="see its messages above (kiln serve: engine ...)") from None
             time.sleep(0.1)
-    with s:
+    with s, s.makefile("rb") as f:
         s.settimeout(LOAD_TIMEOUT_S)
         s.sendall(_frame({**doc, "id": 0}))
-        buf = collections.deque[bytes]()
-        got = 0
-
-        def need(n: int) -> bytes:
-            nonlocal got
-            while got < n:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    raise KilnError(f"the engine for {device} stopped while loading the model",
-                                    hint="see its messages above (kiln serve: engine ...)")
-                buf.append(chunk)
-                got += len(chunk)
-            data = b"".join(buf)
-            buf.clear()
-            buf.append(data[n:])
-            got = len(data) - n
-            return data[:n]
-
-        jl, _ = _HEAD.unpack(need(_HEAD.size))
-        answer = json.loads(need(jl))
+        head = f.read(_HEAD.size)
+        jl = _HEAD.unpack(head)[0] if len(head) == _HEAD.size else 0
+        body = f.read(jl)
+        if not jl or len(body) < jl:
+            raise KilnError(f"the engine for {device} stopped while loading the model",
+                            hint="see its messages above (kiln serve: engine ...)")
+        answer = json.loads(body)
     if "error" in answer:
         raise KilnError(f"the engine for {device} could not load {doc['name']}: {answer['error']}")
 
