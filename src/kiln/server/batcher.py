@@ -12,6 +12,7 @@ Waiting is adaptive: the batcher remembers the peak number of concurrent request
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -136,7 +137,13 @@ class Batcher:
             await asyncio.sleep(0.005)
 
     async def submit(self, payload: Any, *, rows: int = 1, key: Hashable = None, timeout_s: float | None = None) -> Any:
-        """Queue one request of `rows` rows; items merge only with items of the same `key`."""
+        """Queue one request of `rows` rows and wait for its result; items merge only with items of the same `key`."""
+        return await self.enqueue(payload, rows=rows, key=key, timeout_s=timeout_s)
+
+    def enqueue(self, payload: Any, *, rows: int = 1, key: Hashable = None,
+                timeout_s: float | None = None) -> asyncio.Future[Any]:
+        """`submit` without a coroutine: the request's future (cancelling it withdraws the request). For callers
+        that answer from a callback, as an engine does for each worker's batch, without a task per request."""
         if self._closing or self._wakeup is None:
             raise Closed("the server is shutting down")
         if len(self._queue) >= self.max_queue_size:
@@ -152,12 +159,13 @@ class Batcher:
         self._peak[1] = max(self._peak[1], self._outstanding)
         self._wakeup.set()
         timer = loop.call_later(timeout_s, self._expire, item, timeout_s) if timeout_s else None
-        try:
-            return await item.future
-        finally:
-            self._outstanding -= 1
-            if timer is not None:
-                timer.cancel()
+        item.future.add_done_callback(functools.partial(self._answered, timer))
+        return item.future
+
+    def _answered(self, timer: asyncio.TimerHandle | None, _: asyncio.Future[Any]) -> None:
+        self._outstanding -= 1
+        if timer is not None:
+            timer.cancel()
 
     @property
     def expected_concurrency(self) -> int:
@@ -203,11 +211,12 @@ class Batcher:
             if remaining <= 0:
                 break
             assert self._wakeup is not None
-            self._wakeup.clear()
+            self._wakeup.clear()  # a new request or the window's end wakes it (a timer: wait_for costs a task)
+            timer = asyncio.get_running_loop().call_later(remaining, self._wakeup.set)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                break
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
         return batch
 
     def _take(self, key: Hashable, room: int, *, first: bool = False) -> _Item | None:

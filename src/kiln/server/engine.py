@@ -25,7 +25,9 @@ trips to the engines); each engine prints its own batch sizes to stderr when it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
 import mmap
 import os
 import signal
@@ -33,10 +35,12 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import orjson
 
 from kiln import repository
 from kiln.errors import KilnError
@@ -74,14 +78,8 @@ def shm_dir(rundir: Path) -> Path:
 
 
 def _frame(doc: dict[str, Any], data_len: int = 0) -> bytes:
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = orjson.dumps(doc)
     return _HEAD.pack(len(head), data_len) + head
-
-
-async def _read(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
-    jl, dl = _HEAD.unpack(await reader.readexactly(_HEAD.size))
-    doc = json.loads(await reader.readexactly(jl))
-    return doc, (await reader.readexactly(dl) if dl else b"")
 
 
 def _error(e: BaseException) -> dict[str, Any]:
@@ -99,7 +97,99 @@ def _raise(doc: dict[str, Any], where: str) -> None:
     raise RuntimeError(f"the engine on {where} failed: {doc['error']}")
 
 
+def _dtype(dt: str) -> np.dtype[Any]:
+    return _DTYPES.get(dt) or _DTYPES.setdefault(dt, np.dtype(dt))
+
+
+_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
+class _Frames(asyncio.Protocol):
+    """A connection that carries frames (header length, data length, JSON header, data) both ways. A protocol, not
+    streams: each frame is handled in the callback that received it, without a coroutine per read."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos, size = 0, _HEAD.size
+        while len(buf) - pos >= size:
+            jl, dl = _HEAD.unpack_from(buf, pos)
+            end = pos + size + jl + dl
+            if len(buf) < end:
+                break
+            doc = orjson.loads(buf[pos + size:pos + size + jl])
+            self.frame(doc, bytes(buf[pos + size + jl:end]) if dl else b"")
+            pos = end
+        del buf[:pos]
+
+    def frame(self, doc: dict[str, Any], data: bytes) -> None:
+        raise NotImplementedError
+
+    def send(self, doc: dict[str, Any], chunks: list[memoryview] | None = None) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        if chunks:
+            self.transport.writelines([_frame(doc, sum(c.nbytes for c in chunks)), *chunks])
+        else:
+            self.transport.write(_frame(doc))
+
+
 # -- the engine process ---------------------------------------------------------------------------------------------
+class _Connection(_Frames):
+    """One worker's connection to the engine: the slots it mapped, and its requests still running."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.maps: dict[str, np.ndarray] = {}
+        self.busy = 0  # requests taken and not answered
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.engine.connections.add(self)
+
+    def frame(self, doc: dict[str, Any], data: bytes) -> None:
+        self.engine.take(doc, self)
+
+    def finished(self) -> None:
+        self.busy -= 1
+        if self.lost and not self.busy:
+            self.engine._unmap(self.maps)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The worker went away (or is restarting), or the engine is stopping: the slots are unmapped once no
+        request of this connection still runs (a running batch may still read them)."""
+        self.lost = True
+        self.engine.connections.discard(self)
+        if not self.busy:
+            self.engine._unmap(self.maps)
+
+
+def _answered(conn: _Connection, rid: Any, op: str, fut: asyncio.Future[Any]) -> None:
+    conn.finished()
+    if fut.cancelled():
+        conn.send({"id": rid, **_error(Closed("the engine is stopping; retry"))})
+        return
+    e = fut.exception()
+    if e is not None:
+        conn.send({"id": rid, **_error(e)})
+    elif op == "load":
+        conn.send({"id": rid, "model": fut.result()})
+    else:
+        outs = [o if o.flags.c_contiguous else o.copy(order="C") for o in fut.result()]  # 0-d outputs stay 0-d
+        conn.send({"id": rid, "outputs": [[list(o.shape), o.dtype.str] for o in outs]},
+                   [memoryview(o).cast("B") for o in outs])
+
+
 class Engine:
     """One device's models, shared by every worker that connects."""
 
@@ -109,7 +199,7 @@ class Engine:
         self.threads = threads  # each runtime's intra-op threads unless the model's config sets them
         self.models: list[ServedModel] = []
         self._loading: dict[str, asyncio.Task[int]] = {}
-        self.clients: set[asyncio.Task[Any]] = set()
+        self.connections: set[_Connection] = set()
         self.pin = device.startswith("cuda")  # page-lock the slots it maps (_map refuses a slot it cannot lock)
 
     async def load(self, doc: dict[str, Any]) -> int:
@@ -132,62 +222,33 @@ class Engine:
               f"{served.describe()}) ready", file=sys.stderr, flush=True)
         return len(self.models) - 1
 
-    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One worker's connection: requests in, answers out in any order (each carries its id)."""
-        maps: dict[str, np.ndarray] = {}
-        running: set[asyncio.Task[None]] = set()
-        me = asyncio.current_task()
-        assert me is not None
-        self.clients.add(me)
-        try:
-            while True:
-                doc, _ = await _read(reader)
-                t = asyncio.create_task(self._answer(doc, maps, writer))
-                running.add(t)
-                t.add_done_callback(running.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the worker went away (or is restarting)
-        except asyncio.CancelledError:
-            return  # the engine is stopping (after the workers drained): nothing of this connection is still running
-        finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-            writer.close()
-            self._unmap(maps)
-            self.clients.discard(me)
-
-    async def _answer(self, doc: dict[str, Any], maps: dict[str, np.ndarray], writer: asyncio.StreamWriter) -> None:
+    def take(self, doc: dict[str, Any], conn: _Connection) -> None:
+        """One request from a worker: queued in the model's batcher (an inference) or started (a load); the answer
+        goes back from a callback, in any order (each carries its id). No task per request: this loop is the one
+        thread every worker's batches pass through (bench/engine.py measures what it costs per message)."""
         rid = doc.get("id")
-        chunks: list[Any] = []
         try:
-            if doc["op"] == "load":
-                reply: dict[str, Any] = {"id": rid, "model": await self.load(doc)}
-            elif doc["op"] == "infer":
+            if doc["op"] == "infer":
                 served = self.models[doc["model"]]
                 assert served.batcher is not None
-                buf = maps.get(doc["slot"])
+                buf = conn.maps.get(doc["slot"])
                 if buf is None:
-                    buf = maps[doc["slot"]] = self._map(doc["slot"])
-                arrays = [buf[off:off + np.dtype(dt).itemsize * int(np.prod(shape))].view(dt).reshape(shape)
-                          for off, shape, dt in doc["inputs"]]
+                    buf = conn.maps[doc["slot"]] = self._map(doc["slot"])
+                arrays = []
+                for off, shape, dt in doc["inputs"]:
+                    dtype = _dtype(dt)
+                    arrays.append(buf[off:off + dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape))
                 key = tuple(a.shape[1:] for a in arrays) if served.batched else None
-                outs = await served.batcher.submit(arrays, rows=doc["rows"], key=key, timeout_s=doc["timeout"])
-                outs = [np.require(o, requirements="C") for o in outs]  # keeps 0-d outputs 0-d
-                reply = {"id": rid, "outputs": [[list(o.shape), o.dtype.str] for o in outs]}
-                chunks = [memoryview(o).cast("B") for o in outs]
+                fut = served.batcher.enqueue(arrays, rows=doc["rows"], key=key, timeout_s=doc["timeout"])
+            elif doc["op"] == "load":
+                fut = asyncio.ensure_future(self.load(doc))
             else:
                 raise KilnError(f"unknown engine operation {doc['op']!r}")
         except Exception as e:  # every failure goes back to the worker that asked, which maps it to HTTP
-            reply, chunks = {"id": rid, **_error(e)}, []
-        if writer.is_closing():
+            conn.send({"id": rid, **_error(e)})
             return
-        writer.write(_frame(reply, sum(c.nbytes for c in chunks)))
-        if chunks:
-            writer.writelines(chunks)
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
+        conn.busy += 1
+        fut.add_done_callback(functools.partial(_answered, conn, rid, doc["op"]))
 
     def _map(self, name: str) -> np.ndarray:
         """A worker's slot, mapped (and page-locked for the GPU's copies) once per connection."""
@@ -237,13 +298,13 @@ async def _engine(doc: dict[str, Any], sock: socket.socket) -> int:
     # an engine that stopped on it would fail the requests the workers are still draining.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    server = await asyncio.start_unix_server(engine.client, sock=sock, limit=1 << 20)
+    server = await loop.create_unix_server(lambda: _Connection(engine), sock=sock)
     await stop.wait()
     server.close()  # the workers drained before the supervisor stopped the engines
     await asyncio.gather(*(m.stop(drain_s=doc.get("grace_s", 30.0)) for m in engine.models))
-    for t in engine.clients:
-        t.cancel()
-    await asyncio.gather(*engine.clients, return_exceptions=True)
+    for conn in list(engine.connections):
+        if conn.transport is not None:
+            conn.transport.close()
     if engine.models:
         print(engine.summary(), file=sys.stderr, flush=True)
     return 0
@@ -256,7 +317,18 @@ def engine_main() -> int:
 
         torch.set_num_threads(int(doc["threads"]))
     sock = socket.socket(fileno=doc["fd"])
-    return asyncio.run(_engine(doc, sock))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_engine(doc, sock))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (uvicorn[standard] brings it, and the workers' uvicorn runs on it): its
+    transports, callbacks and timers are C, and the engine's loop is the thread every worker's batches go through."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def listen(rundir: Path, index: int) -> socket.socket:
@@ -307,24 +379,48 @@ class Slots:
         (self.folder / slot[1]).unlink(missing_ok=True)
 
 
+class _Replies(_Frames):
+    """A worker's connection to an engine: the requests sent on it, answered as their replies arrive."""
+
+    def __init__(self, link: Link) -> None:
+        super().__init__()
+        self.link = link
+        self.pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+
+    def frame(self, doc: dict[str, Any], data: bytes) -> None:
+        fut = self.pending.pop(doc["id"], None)
+        if fut is not None and not fut.done():
+            fut.set_result((doc, data))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """No answer will come for what was sent on this connection (a new one's requests are not ours to fail)."""
+        if self.link.conn is self:
+            self.link.conn = None
+        lost, self.pending = self.pending, {}
+        for fut in lost.values():
+            if not fut.done():
+                fut.set_exception(Closed(f"the engine for {self.link.device} stopped while running this request "
+                                         "(it is being restarted); retry"))
+
+
 class Link:
     """A worker's connection to one engine, shared by the worker's models; reconnects after the engine restarts."""
 
     def __init__(self, device: str, path: Path) -> None:
         self.device = device
         self.path = path
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self.conn: _Replies | None = None
         self.next_id = 0
         self.rows = 0  # rows sent and not answered: the worker sends a batch to the least loaded engine
         self.handles: dict[str, int] = {}  # model key -> the engine's handle for it
         self.loads: dict[str, dict[str, Any]] = {}  # model key -> its load request, to repeat after a restart
         self._connecting: asyncio.Future[None] | None = None
-        self._rx: asyncio.Task[None] | None = None
+
+    def _up(self) -> bool:
+        return self.conn is not None and self.conn.transport is not None and not self.conn.transport.is_closing()
 
     async def ready(self) -> None:
-        if self.writer is not None and not self.writer.is_closing():
+        if self._up():
             return
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
@@ -336,55 +432,34 @@ class Link:
                 self._connecting = None
 
     async def _connect(self) -> None:
-        self._fail_pending()  # sent on a connection that is gone: no answer will come
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while True:
             try:
-                self.reader, self.writer = await asyncio.open_unix_connection(str(self.path), limit=1 << 20)
+                _, conn = await loop.create_unix_connection(lambda: _Replies(self), str(self.path))
                 break
             except (FileNotFoundError, ConnectionError):
                 if time.monotonic() > deadline:
                     raise Closed(f"the engine for {self.device} is not answering; retry shortly") from None
                 await asyncio.sleep(0.1)
-        self._rx = asyncio.get_running_loop().create_task(self._receive(self.reader, self.writer))
-        self.handles = {}
+        self.conn, self.handles = conn, {}
         try:
             for key in list(self.loads):  # a restarted engine loads the worker's models again
                 await self._load(key)
         except BaseException:
-            self.writer.close()
+            assert conn.transport is not None
+            conn.transport.close()
             raise
 
-    async def _receive(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                doc, data = await _read(reader)
-                fut = self.pending.pop(doc["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result((doc, data))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-        if self.writer is writer:  # not already replaced by a new connection (whose requests are not ours to fail)
-            self.writer = None
-            self._fail_pending()
-
-    def _fail_pending(self) -> None:
-        lost, self.pending = self.pending, {}
-        for fut in lost.values():
-            if not fut.done():
-                fut.set_exception(Closed(f"the engine for {self.device} stopped while running this request (it is "
-                                         "being restarted); retry"))
-
-    async def _call(self, doc: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        if self.writer is None or self.writer.is_closing():  # lost between ready() and here
+    def _call(self, doc: dict[str, Any]) -> asyncio.Future[tuple[dict[str, Any], bytes]]:
+        conn = self.conn
+        if conn is None or not self._up():  # lost between ready() and here
             raise Closed(f"the engine for {self.device} is not connected (it is being restarted); retry")
         doc["id"] = self.next_id
         self.next_id += 1
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[doc["id"]] = fut
-        self.writer.write(_frame(doc))
-        return await fut
+        fut = conn.pending[doc["id"]] = asyncio.get_running_loop().create_future()
+        conn.send(doc)
+        return fut
 
     async def _load(self, key: str) -> None:
         answer, _ = await self._call(dict(self.loads[key]))
@@ -393,17 +468,24 @@ class Link:
         self.handles[key] = answer["model"]
 
     async def infer(self, key: str, doc: dict[str, Any], rows: int, timeout_s: float) -> tuple[dict[str, Any], bytes]:
-        await self.ready()
+        if not self._up():
+            await self.ready()
         if key not in self.handles:  # loaded (by EngineModel.load) after this link connected
             await self._load(key)
         doc["model"] = self.handles[key]
+        fut = self._call(doc)
         self.rows += rows
+        timer = asyncio.get_running_loop().call_later(timeout_s + 5, _no_answer, fut, self.device, timeout_s)
         try:
-            return await asyncio.wait_for(self._call(doc), timeout_s + 5)
-        except TimeoutError:
-            raise Expired(f"no answer from the engine for {self.device} within {timeout_s * 1e3:.0f} ms") from None
+            return await fut
         finally:
+            timer.cancel()
             self.rows -= rows
+
+
+def _no_answer(fut: asyncio.Future[Any], device: str, timeout_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(Expired(f"no answer from the engine for {device} within {timeout_s * 1e3:.0f} ms"))
 
 
 _LINKS: dict[int, Link] = {}  # this worker process's links (its one event loop), by engine index
