@@ -104,7 +104,7 @@ async def drive(model: engine.EngineModel, shape: list[int], concurrency: int, s
                 await model._run_batch([[x]])
                 model.stats.execution_count += 1
             else:
-                await model.batcher.submit([x], rows=1, key=key, timeout_s=30.0)  # type: ignore[union-attr]
+                await model.batcher.submit([x], rows=1, key=key, timeout_s=30.0)
             done += max(rows, 1)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -117,9 +117,10 @@ async def measure(path: Path, shape: list[int], device: str, loads: list[tuple[i
     sock, slots = engine.listen(rundir, 0), engine.shm_dir(rundir)
     doc = {"device": device, "fd": sock.fileno(), "slots": str(slots), "grace_s": 5.0,
            "threads": max(1, (os.cpu_count() or 2) // 2)}
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.server.engine"], pass_fds=[sock.fileno()],
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src"), engine.ENV: json.dumps(doc)},
-                            stderr=subprocess.PIPE, text=True)
+    log = (rundir / "engine.log").open("w+")  # a file, not a pipe nobody reads while the engine runs
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.server.engine"], pass_fds=[sock.fileno()], stderr=log,
+                            env={**os.environ, engine.ENV: json.dumps(doc),
+                                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))})
     rows: list[dict[str, Any]] = []
     try:
         vdir, manifest = repository.resolve(path)
@@ -144,7 +145,9 @@ async def measure(path: Path, shape: list[int], device: str, loads: list[tuple[i
         await model.stop(drain_s=5.0)
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        log.seek(0)
+        err = log.read()
         sock.close()
         for f in slots.glob("*"):
             f.unlink()
