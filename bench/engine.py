@@ -173,7 +173,13 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path, shape = build(Path(tmp), args.model, args.device)
-        with asyncio.Runner(loop_factory=engine._loop_factory()) as runner:  # a worker's loop is uvicorn's uvloop
+        try:  # a worker runs on uvicorn's loop: uvloop where installed
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            factory = None
+        with asyncio.Runner(loop_factory=factory) as runner:
             rows = runner.run(measure(path, shape, args.device, [(int(c), int(n)) for c, _, n in (x.partition(":") for x in args.loads.split(","))],
                                       args.seconds, args.max_delay_ms))
     meta = {"device": args.device, "model": args.model, "torch": torch.__version__, "cores": os.cpu_count(),
