@@ -264,3 +264,28 @@ def test_handler_returning_wrong_length_is_an_error() -> None:
         await b.stop()
 
     run(main())
+
+
+def test_enqueue_answers_through_its_future_and_a_cancelled_request_never_runs() -> None:
+    """`enqueue` is `submit` without a coroutine (an engine answers from the future's callback): the result comes
+    through the future, a cancelled future withdraws its request, and the batching window still closes on time
+    (a timer wakes the batch, where wait_for used to)."""
+
+    async def main() -> None:
+        rec = Recorder(gated=True)
+        b = Batcher(rec, max_batch_size=8, max_delay_ms=30, adaptive=False)
+        b.start()
+        first = b.enqueue("a")
+        await rec.started.wait()  # "a" runs alone (the only instance is then busy)
+        withdrawn, kept = b.enqueue("b"), b.enqueue("c")
+        withdrawn.cancel()
+        rec.release()
+        assert await first == "out:a" and await kept == "out:c"
+        assert rec.calls == [["a"], ["c"]]
+        assert b._outstanding == 0  # every answered or withdrawn request left the count
+        t0 = time.monotonic()
+        assert await b.enqueue("d") == "out:d"  # alone: runs when the 30 ms window ends, not before, not much after
+        assert 0.025 <= time.monotonic() - t0 < 0.5
+        await b.stop()
+
+    run(main())
