@@ -72,18 +72,13 @@ def build(work: Path, model: str, device: str) -> tuple[Path, list[int]]:
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of a process's threads, summed by name with digits dropped (run-<model> threads add up)."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the engine's threads by role: its event loop, its runner threads, the rest."""
+    from multigpu import thread_cpu as by_thread
+
     out: dict[str, float] = {}
-    for t in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            text = (t / "stat").read_text()
-        except OSError:
-            continue
-        name, _, rest = text.split("(", 1)[1].rpartition(")")
-        f = rest.split()
+    for (_, _, name), seconds in by_thread(pid).items():
         key = "loop" if name.startswith("engine-") else "run" if name.startswith("run-") else "other"
-        out[key] = out.get(key, 0.0) + (int(f[11]) + int(f[12])) / tick
+        out[key] = out.get(key, 0.0) + seconds
     return out
 
 
