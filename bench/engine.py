@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,10 +144,10 @@ async def measure(path: Path, shape: list[int], device: str, loads: list[tuple[i
         proc.wait(timeout=60)
         log.seek(0)
         err = log.read()
+        log.close()
         sock.close()
-        for f in slots.glob("*"):
-            f.unlink()
-        slots.rmdir()
+        shutil.rmtree(slots, ignore_errors=True)
+        shutil.rmtree(rundir, ignore_errors=True)
     batches = re.findall(r"ran (\d+) batches, (\d+) rows", err)
     if proc.returncode != 0 or not batches:
         sys.stderr.write(err)
