@@ -46,7 +46,7 @@ from kiln import repository
 from kiln.errors import KilnError
 from kiln.server.batcher import Closed, Expired, QueueFull
 from kiln.server.config import ModelConfig
-from kiln.server.model import ServedModel, name_thread
+from kiln.server.model import ServedModel, name_thread, split_rows
 
 ENV = "KILN_SERVE_ENGINE"  # the engine's settings, as JSON
 _HEAD = struct.Struct("<II")  # header length, data length
@@ -558,14 +558,10 @@ class EngineModel(ServedModel):
             _raise(answer, link.device)
         outs, pos = [], 0
         for shape, dt in answer["outputs"]:
-            n = np.dtype(dt).itemsize * int(np.prod(shape))
-            outs.append(np.frombuffer(data, dtype=dt, count=n // np.dtype(dt).itemsize, offset=pos).reshape(shape))
-            pos += n
-        if len(payloads) == 1:
-            split = [outs]
-        else:
-            bounds = np.cumsum([0] + [len(p[0]) for p in payloads])
-            split = [[o[lo:hi] for o in outs] for lo, hi in zip(bounds[:-1], bounds[1:])]
+            dtype, count = _dtype(dt), math.prod(shape)
+            outs.append(np.frombuffer(data, dtype=dtype, count=count, offset=pos).reshape(shape))
+            pos += dtype.itemsize * count
+        split = split_rows(outs, payloads)
         s = self.stats
         s.compute_input_ns += t1 - t0
         s.compute_infer_ns += t2 - t1

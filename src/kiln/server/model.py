@@ -164,12 +164,7 @@ class ServedModel:
         raw = runner.run(xs)
         t2 = time.perf_counter_ns()
         outs = [o.float().numpy(force=True) if o.dtype == torch.bfloat16 else o.numpy(force=True) for o in raw]
-        if len(payloads) == 1:
-            split = [outs]
-        else:
-            bounds = np.cumsum([0] + [len(p[0]) for p in payloads])
-            split = [[o[lo:hi] for o in outs] for lo, hi in zip(bounds[:-1], bounds[1:])]
-        return split, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+        return split_rows(outs, payloads), (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
     def _observe(self, info: BatchInfo) -> None:
         s = self.stats
@@ -185,6 +180,14 @@ class ServedModel:
         b[1] += int(info.compute_s * 1e9)
         if self._observer is not None:
             self._observer(self, info)
+
+
+def split_rows(outs: list[np.ndarray], payloads: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """A batch's outputs split back into each request's rows (views), in request order."""
+    if len(payloads) == 1:
+        return [outs]
+    bounds = np.cumsum([0] + [len(p[0]) for p in payloads])
+    return [[o[lo:hi] for o in outs] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def _merge(payloads: list[list[np.ndarray]], specs: list[TensorSpec], *, pinned: bool,
