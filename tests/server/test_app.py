@@ -17,6 +17,7 @@ import tritonclient.http as triton
 import kiln
 from kiln.server.app import create_app
 from kiln.server.dataplane import DataPlane
+from kiln.server.run import HeaderTimeoutProtocol, _fill
 from support import DIGITS
 from v2client import check_two, gauge
 
@@ -199,6 +200,81 @@ def test_hostile_bodies_get_400_and_the_server_stays_up(server: ServerThread, di
     assert r.status_code == 400 and "unknown output 'probs'" in r.json()["error"]
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
     assert httpx.post(url, json=v2("image", digits[0][:1])).status_code == 200
+
+
+def _read_response(sock: socket.socket, buf: bytearray) -> tuple[int, dict[str, str], bytes]:
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    n = int(headers["content-length"])
+    while len(rest) < n:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        rest += chunk
+    buf[:] = rest[n:]
+    return int(lines[0].split()[1]), headers, rest[:n]
+
+
+@pytest.mark.parametrize("read_into", [False, True], ids=["chunks", "read-into"])
+def test_a_body_in_pieces_then_pipelined_requests_are_each_answered_exactly(server: ServerThread, serve_repo: Path,
+                                                                           digits: tuple, read_into: bool,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a body has begun, the rest of it bypasses the HTTP parser (kiln.server.run.HeaderTimeoutProtocol):
+    a body cut at odd places, the next requests in the same packet as its last bytes, and a connection closed
+    mid-body must all come out as if parsed byte by byte. `read-into`: the rest of each body is read straight into
+    its bytes (_BodyInto), as bodies of 256 KiB and more are."""
+    if read_into and _fill is None:
+        pytest.skip("this interpreter's bytes are not laid out as CPython's: bodies are read in chunks")
+    monkeypatch.setattr(HeaderTimeoutProtocol, "read_into_min", 1 if read_into else 1 << 40)
+    x = digits[0][:25]
+    want = kiln.load(str(serve_repo / "digits"))(x)
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [20, 1, 8, 8],
+                                   "parameters": {"binary_data_size": x[:20].nbytes}}]}).encode()
+    body = head + x[:20].tobytes()
+    first = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {len(head)}\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n").encode()
+    json_body = json.dumps(v2("image", x[20:])).encode()
+    second = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(json_body)}\r\n\r\n").encode() + json_body
+    third = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(first + body[:7])  # the head and a few bytes go through the parser
+        time.sleep(0.2)
+        cuts = [7, 8, 100, 1001, 1002, 3333, len(body) - 1]
+        for a, b in zip(cuts, cuts[1:]):  # the rest in odd pieces, each its own read
+            sock.sendall(body[a:b])
+            time.sleep(0.02)
+        sock.sendall(body[-1:] + second + third)  # the body's last byte shares a read with two more requests
+        buf = bytearray()
+        status, headers, out = _read_response(sock, buf)
+        assert status == 200, out
+        meta = json.loads(out)["outputs"][0]
+        np.testing.assert_allclose(np.asarray(meta["data"], np.float32).reshape(meta["shape"]), want[:20], rtol=1e-5,
+                                   atol=1e-5)
+        status, headers, out = _read_response(sock, buf)
+        assert status == 200, out
+        meta = json.loads(out)["outputs"][0]
+        np.testing.assert_allclose(np.asarray(meta["data"], np.float32).reshape(meta["shape"]), want[20:], rtol=1e-5,
+                                   atol=1e-5)
+        assert _read_response(sock, buf)[0] == 200 and not buf
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # a body that never finishes
+        sock.sendall(first + body[:1000])
+        time.sleep(0.1)
+        sock.sendall(body[1000:2000])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # a body of a chunked request
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        time.sleep(0.1)
+        for a in range(0, len(json_body), 100):
+            part = json_body[a:a + 100]
+            sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        status, headers, out = _read_response(sock, bytearray())
+        assert status == 200, out
+    assert httpx.post(f"{server.url}/v2/models/digits/infer", json=v2("image", x[:1])).status_code == 200
 
 
 def _metric(text: str, name: str, model: str) -> float:
