@@ -147,8 +147,9 @@ class GpuSampler:
 
 
 def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[int, int, int, int]],
-                mode: str = "share", instances: str = "") -> list[dict[str, Any]]:
-    """One server (`--workers`), every load (images per request, load processes, connections each, requests)."""
+                mode: str = "share", instances: str = "", extra_env: str = "") -> list[dict[str, Any]]:
+    """One server (`--workers`), every load (images per request, load processes, connections each, requests).
+    `extra_env`: NAME=VALUE[+NAME=VALUE] set for the server (an A/B of a switch such as KILN_ENGINE_AFFINITY)."""
     from serve import cpu_seconds, free_port, request_bytes
 
     port = free_port()
@@ -160,8 +161,10 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
         cmd += ["--worker-devices", mode]
     if instances:
         cmd += ["--instances", instances]
-    log = path.parent.parent.parent / f"serve-{len(devices)}-w{workers}-{mode}{'-i' + instances if instances else ''}.log"
+    log = path.parent.parent.parent / (f"serve-{len(devices)}-w{workers}-{mode}{'-i' + instances if instances else ''}"
+                                       f"{'-' + extra_env.replace('=', '').replace('+', '-') if extra_env else ''}.log")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env.update(kv.split("=", 1) for kv in filter(None, extra_env.split("+")))
     if SPINCOUNT:  # OpenMP's spin after a parallel region: 300000 is libgomp's own default (kiln's workers use 0)
         env["GOMP_SPINCOUNT"] = SPINCOUNT
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
@@ -191,7 +194,7 @@ def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[
                               reverse=True)
             done = sum(r[1] for r in res)
             out.append({"devices": devices, "workers": workers, "mode": mode, "instances": instances or "1",
-                        "images_per_request": images,
+                        "env": extra_env, "images_per_request": images,
                         "clients": procs * conc,
                         # [thread name, cores]; results before 2026-11-23 have busiest_threads_cores (cores only)
                         "busiest_threads": [[name, round(b, 3)] for b, name in busy[:2 * (workers + len(devices))]],
@@ -220,9 +223,9 @@ def main() -> int:
     p.add_argument("--worker-devices", default="share", help="comma-separated: share (every worker on every GPU), split "
                    "(worker i on GPU i mod 2; two GPUs and N > 1 only), engine (one engine process per GPU runs the "
                    "model, the workers hand it batches) (default: share)")
-    p.add_argument("--configs", default="", help="comma-separated MODE:WORKERS[:INSTANCES], measured in this order, "
-                   "instead of every --worker-devices mode with every --serve-workers count (e.g. engine:16,share:8,"
-                   "engine:16:2)")
+    p.add_argument("--configs", default="", help="comma-separated MODE:WORKERS[:INSTANCES][+NAME=VALUE...], measured "
+                   "in this order, instead of every --worker-devices mode with every --serve-workers count (e.g. "
+                   "engine:16,share:8,engine:16:2,engine:16+KILN_ENGINE_AFFINITY=0)")
     p.add_argument("--loads", default="1x8x32x48000,16x8x8x4800", help="serve loads, comma-separated, each IMAGESxPROCSx"
                    "CONNECTIONSxREQUESTS: images per request, load-generator processes, connections per process, requests "
                    "(default: 1x8x32x48000,16x8x8x4800: c=256 of one image, c=64 of 16; before 2026-11-22 c=128 and c=32)")
@@ -263,16 +266,18 @@ def main() -> int:
     for spec in args.loads.split(","):
         images, procs, conc, total = (int(v) for v in spec.split("x"))
         loads.append((images, procs, conc, total))
-    if args.configs:  # MODE:WORKERS[:INSTANCES]
-        configs = [(c.split(":") + [args.instances])[:3] for c in args.configs.split(",")]
-    else:
-        configs = [[m, w, args.instances] for w in args.serve_workers.split(",") for m in args.worker_devices.split(",")]
-    for mode, w, instances in ((m, int(w), i) for m, w, i in configs):
+    configs = []
+    for c in filter(None, args.configs.split(",")):  # MODE:WORKERS[:INSTANCES][+NAME=VALUE...]
+        base, _, extra = c.partition("+")
+        configs.append([*(base.split(":") + [args.instances])[:3], extra])
+    if not configs:
+        configs = [[m, w, args.instances, ""] for w in args.serve_workers.split(",") for m in args.worker_devices.split(",")]
+    for mode, w, instances, extra in ((m, int(w), i, e) for m, w, i, e in configs):
         if mode == "split" and w == 1:
             continue
         for devices in ([two] if mode == "split" else [one, two]):  # split on one GPU is share
             try:
-                results["serve"] += serve_rates(path, devices, w, loads, mode, instances)
+                results["serve"] += serve_rates(path, devices, w, loads, mode, instances, extra)
             except Exception as e:  # one server that fails to start: record why, measure the others
                 results.setdefault("failed", []).append(f"{mode} w{w} {devices}: {e}"[:4000])
                 print(f"serve failed: {e}", file=sys.stderr, flush=True)
@@ -286,16 +291,17 @@ def main() -> int:
     if "predict" in results:
         q = results["predict"]
         print(f"{'kiln predict, .npy, batch 256, img/s':52} {q['1']:>10,.0f} {q['2']:>10,.0f} {q['2'] / q['1']:>6.2f}x")
-    rows = {(r["workers"], r["images_per_request"], len(r["devices"]), r["mode"], r.get("instances", "1")): r
-            for r in results["serve"]}
-    for (w, images, gpus, mode, inst), s1 in rows.items():
+    rows = {(r["workers"], r["images_per_request"], len(r["devices"]), r["mode"], r.get("instances", "1"),
+             r.get("env", "")): r for r in results["serve"]}
+    for (w, images, gpus, mode, inst, extra), s1 in rows.items():
         if gpus != 1:
             continue
         for mode2 in (mode, "split") if mode == "share" else (mode,):  # split's baseline: one GPU, share
-            s2 = rows.get((w, images, 2, mode2, inst))
+            s2 = rows.get((w, images, 2, mode2, inst, extra))
             if s2 is None:
                 continue
-            label = f"serve -w{w}{'' if inst == '1' else f' -i{inst}'} {mode2}, {images} img/request, c={s1['clients']}, img/s"
+            label = (f"serve -w{w}{'' if inst == '1' else f' -i{inst}'} {mode2}{' ' + extra if extra else ''}, "
+                     f"{images} img/request, c={s1['clients']}, img/s")
             print(f"{label:52} {s1['img_per_s']:>10,.0f} {s2['img_per_s']:>10,.0f} {s2['img_per_s'] / s1['img_per_s']:>6.2f}x"
                   f"   (server CPU cores {s1['server_cpu_cores']:.2f} / {s2['server_cpu_cores']:.2f}, CPU ms/request "
                   f"{1e3 * s1['server_cpu_cores'] / s1['req_per_s']:.2f} / {1e3 * s2['server_cpu_cores'] / s2['req_per_s']:.2f}, "
