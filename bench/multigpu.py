@@ -149,7 +149,7 @@ class GpuSampler:
 def serve_rates(path: Path, devices: list[str], workers: int, loads: list[tuple[int, int, int, int]],
                 mode: str = "share", instances: str = "", extra_env: str = "") -> list[dict[str, Any]]:
     """One server (`--workers`), every load (images per request, load processes, connections each, requests).
-    `extra_env`: NAME=VALUE[+NAME=VALUE] set for the server (an A/B of a switch such as KILN_ENGINE_AFFINITY)."""
+    `extra_env`: NAME=VALUE[+NAME=VALUE] set for the server (an A/B of an environment switch such as KILN_KEEP_FREED_MEMORY)."""
     from serve import cpu_seconds, free_port, request_bytes
 
     port = free_port()
@@ -225,7 +225,7 @@ def main() -> int:
                    "model, the workers hand it batches) (default: share)")
     p.add_argument("--configs", default="", help="comma-separated MODE:WORKERS[:INSTANCES][+NAME=VALUE...], measured "
                    "in this order, instead of every --worker-devices mode with every --serve-workers count (e.g. "
-                   "engine:16,share:8,engine:16:2,engine:16+KILN_ENGINE_AFFINITY=0)")
+                   "engine:16,share:8,engine:16:2,engine:16+KILN_KEEP_FREED_MEMORY=0)")
     p.add_argument("--loads", default="1x8x32x48000,16x8x8x4800", help="serve loads, comma-separated, each IMAGESxPROCSx"
                    "CONNECTIONSxREQUESTS: images per request, load-generator processes, connections per process, requests "
                    "(default: 1x8x32x48000,16x8x8x4800: c=256 of one image, c=64 of 16; before 2026-11-22 c=128 and c=32)")

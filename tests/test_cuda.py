@@ -143,32 +143,6 @@ def test_an_engine_gathers_rows_from_page_locked_slots_on_the_gpu() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_an_engine_pins_every_thread_to_its_gpus_numa_node() -> None:
-    """kiln.server.engine.pin_to_device, in a process of its own: every thread (CUDA's own included) ends on the
-    CPUs of the GPU's PCI slot, or nothing moves where the topology does not say (one node, a torch without PCI ids)."""
-    import subprocess
-    import sys
-
-    code = """
-import os, torch
-from pathlib import Path
-from kiln.server.engine import local_cpus, pin_to_device
-torch.zeros(1, device="cuda:0")  # CUDA's threads start
-before = os.sched_getaffinity(0)
-local = local_cpus("cuda:0")
-cpus = pin_to_device("cuda:0")
-assert cpus == local, (cpus, local)
-want = cpus if cpus is not None else before
-for t in Path("/proc/self/task").iterdir():
-    assert os.sched_getaffinity(int(t.name)) == want, (t.name, os.sched_getaffinity(int(t.name)), want)
-props = torch.cuda.get_device_properties(0)
-print("pci", getattr(props, "pci_bus_id", None), "cpus", None if cpus is None else len(cpus), "of", len(before))
-"""
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    print(p.stdout)
-
-
 def test_cuda_build_finds_half_precision_and_graph_variants(weights_dir: Path, tmp_path: Path) -> None:
     r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
                    repo=tmp_path, device="cuda", batch=(1, 8),

@@ -29,19 +29,3 @@ def test_frames_split_across_reads_and_packed_into_one_are_each_handled_once() -
             c.data_received(wire[i:i + step])
         assert c.got == frames, step
         assert not c.buf  # nothing left over
-
-
-def test_cpu_lists_parse_and_print_back() -> None:
-    from kiln.server.engine import _ranges, cpulist
-
-    assert cpulist("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
-    assert _ranges(cpulist("0-3,8,10-11")) == "0-3,8,10-11" and _ranges({5}) == "5"
-    assert cpulist("") == set()
-
-
-def test_an_engine_off_cuda_or_told_not_to_stays_where_the_scheduler_puts_it(monkeypatch: Any) -> None:
-    from kiln.server.engine import pin_to_device
-
-    assert pin_to_device("cpu") is None
-    monkeypatch.setenv("KILN_ENGINE_AFFINITY", "0")
-    assert pin_to_device("cuda:0") is None

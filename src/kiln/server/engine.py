@@ -289,71 +289,8 @@ class Engine:
         return "\n".join(lines)
 
 
-def cpulist(text: str) -> set[int]:
-    """A Linux CPU list ("0-15,32-47") as a set of CPU numbers."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        if part:
-            lo, _, hi = part.partition("-")
-            cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def local_cpus(device: str) -> set[int] | None:
-    """The CPUs of the NUMA node a CUDA device hangs off (its PCI function's local_cpulist in sysfs) that this
-    process may use, or None where that is unknown, covers every allowed CPU anyway, or leaves none."""
-    import torch
-
-    props = torch.cuda.get_device_properties(torch.device(device))
-    domain, bus, dev = (getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device"))
-    if domain is None or bus is None or dev is None:  # a torch that does not report the PCI address
-        return None
-    path = Path(f"/sys/bus/pci/devices/{domain:04x}:{bus:02x}:{dev:02x}.0/local_cpulist")
-    try:
-        local = cpulist(path.read_text())
-    except (OSError, ValueError):
-        return None
-    allowed = os.sched_getaffinity(0)
-    cpus = local & allowed
-    return cpus if cpus and cpus != allowed else None
-
-
-def pin_to_device(device: str) -> set[int] | None:
-    """Keep every thread of this engine on the CPUs local to its GPU: the runner threads that launch its kernels
-    and the copies from page-locked slots then stay on the GPU's side of a two-socket machine, where the scheduler
-    would otherwise move them across sockets. Returns the CPUs, or None where nothing was pinned (not a CUDA
-    device, one NUMA node, the topology unknown, or KILN_ENGINE_AFFINITY=0)."""
-    if not device.startswith("cuda") or os.environ.get("KILN_ENGINE_AFFINITY") == "0":
-        return None
-    cpus = local_cpus(device)
-    if cpus is None:
-        return None
-    for tid in os.listdir("/proc/self/task"):  # threads inherit their creator's CPUs; the ones already started do not
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return cpus
-
-
-def _ranges(cpus: set[int]) -> str:
-    out: list[str] = []
-    run: list[int] = []
-    for c in sorted(cpus):
-        if run and c != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(c)
-    out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
-
-
 async def _engine(doc: dict[str, Any], sock: socket.socket) -> int:
     name_thread(f"engine-{doc['device']}")  # its event loop; the runner threads are run-<model>
-    cpus = pin_to_device(doc["device"])
-    if cpus is not None:
-        print(f"kiln serve: engine on {doc['device']}: on CPUs {_ranges(cpus)}, local to the GPU "
-              "(KILN_ENGINE_AFFINITY=0: anywhere)", file=sys.stderr, flush=True)
     engine = Engine(doc["device"], Path(doc["slots"]), doc.get("threads"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
