@@ -240,3 +240,6 @@ def test_cuda_only_variants_skip_cleanly_on_a_cpu(weights_dir: Path, tmp_path: P
     with pytest.raises(Skip, match="CUDA graphs need a CUDA device"):
         eager.export(subject, tmp_path, options={"recipe": Recipe("fp16", ("cudagraphs",))})
     assert cuda.buckets_for([1, 48]) == [1, 2, 4, 8, 16, 32, 48, 64]
+    big = cuda.buckets_for([1, 256])
+    assert big == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+    assert all((b - 1 - a) / b < 0.2 for a, b in zip(big, big[1:]) if a >= 64)  # padding past 64 rows: under a fifth

@@ -18,7 +18,7 @@ import torch
 from kiln.errors import Skip
 
 Fn = Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)  # and four steps per doubling above 64
 MAX_GRAPHS = 64  # shape keys captured per runner; beyond that a batch runs without a graph
 
 
@@ -41,9 +41,17 @@ def _set_process_flags() -> None:
 
 
 def buckets_for(batch_sizes: Sequence[int], max_batch: int = 64) -> list[int]:
-    """Powers of two up to the largest batch the model is built or served for, plus those sizes themselves."""
+    """The batch sizes to capture CUDA graphs for, up to the largest batch the model is built or served for (and
+    those sizes themselves): powers of two to 32, then 48 and 64, then four steps per doubling (80, 96, 112, 128,
+    160, 192, ...). A batch runs padded to the next bucket, so above 64 rows less than a fifth of a replay is
+    padding, where powers of two padded up to half (an engine's batches of 129-255 rows all ran as 256)."""
     top = max([max_batch, *batch_sizes])
-    return sorted({b for b in DEFAULT_BUCKETS if b <= top} | {top} | set(batch_sizes))
+    sizes = set(DEFAULT_BUCKETS)
+    base = 64
+    while base < top:
+        sizes.update(range(base + base // 4, 2 * base + 1, base // 4))
+        base *= 2
+    return sorted({b for b in sizes if b <= top} | {top} | set(batch_sizes))
 
 
 class Transfer:

@@ -284,8 +284,14 @@ class Engine:
             sizes = sorted(m.stats.batch_sizes.items())
             total = sum(c for c, _ in m.stats.batch_sizes.values()) or 1
             mean = sum(b * c for b, (c, _) in sizes) / total
-            lines.append(f"kiln serve: engine on {self.device}: {m.name} ran {m.stats.execution_count} batches, "
-                         f"{m.stats.inference_count} rows, {mean:.1f} rows per batch")
+            line = (f"kiln serve: engine on {self.device}: {m.name} ran {m.stats.execution_count} batches, "
+                    f"{m.stats.inference_count} rows, {mean:.1f} rows per batch")
+            buckets = m.graph_buckets()
+            if buckets:  # each batch ran as the next CUDA-graph bucket
+                ran = {b: next((g for g in buckets if g >= b), b) for b, _ in sizes}
+                padded = sum(c * (ran[b] - b) for b, (c, _) in sizes)
+                line += f", {100 * padded / max(1, sum(c * ran[b] for b, (c, _) in sizes)):.0f}% of the rows it ran were padding"
+            lines.append(line)
         return "\n".join(lines)
 
 

@@ -96,9 +96,16 @@ class ServedModel:
                 self._warm(runner)
                 self.runners.append(runner)
 
+    def graph_buckets(self) -> list[int]:
+        """The batch sizes this variant captured CUDA graphs for (a batch runs padded to the next), or []."""
+        meta = repository.candidate(self.manifest, self.variant)["artifact"].get("meta") or {}
+        return [int(b) for b in meta.get("cudagraph_buckets") or []]
+
     def _warm(self, runner: Runner) -> None:
         xs = example_inputs(self.inputs)
         sizes = [1, self.config.max_batch_size] if self.batched else [1]
+        if self.batched and any(d.startswith("cuda") for d in self.config.devices):  # capture every graph now,
+            sizes = sorted({*sizes, *(b for b in self.graph_buckets() if b < self.config.max_batch_size)})  # not mid-load
         for n in sizes:
             batch = [x[:1].repeat(n, *[1] * (x.dim() - 1)) for x in xs] if self.batched else xs
             for _ in range(2):
