@@ -124,8 +124,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     copies every byte it hands to `on_body`; the length is known, so there is nothing to parse): the body's last
     byte completes the request, and a fresh parser takes what follows (a pipelined request). The rest of a body of
     `read_into_min` bytes or more is read by the event loop straight into the bytes the app receives (_BodyInto):
-    no chunk objects and no join. For a 9.6 MB body that took 1.6 of the worker's 9.4 ms per request
-    (bench/body.py)."""
+    no chunk objects and no join. For 9.6 MB bodies the join was a sixth of a worker's CPU and the parser's copies
+    an eighth (py-spy); bench/body.py measures what a body costs a worker."""
 
     header_timeout_s = 10.0
     body_limit = 64 << 20
@@ -322,10 +322,10 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
 
     By default glibc maps every block above its (adaptive) mmap threshold afresh and returns free heap above
     2x that threshold to the system, so with a few 9.6 MB bodies in flight most bodies, and the arrays decoded
-    from them, page-fault all their pages in again: about 900 faults and a quarter of a worker's CPU per
-    16-image request (bench/body.py). With these settings blocks up to 32 MiB
-    (glibc's largest threshold) come from the heap and up to 256 MiB of free heap is kept: a worker keeps the
-    high-water mark of its bodies in flight instead of faulting it in for each request."""
+    from them, page-fault all their pages in again: 1,200-1,400 faults and about a quarter of a worker's CPU per
+    16-image request (bench/body.py). With these settings blocks up to 32 MiB (glibc's largest threshold) come
+    from the heap and up to 256 MiB of free heap is kept: a worker keeps the high-water mark of its bodies in
+    flight instead of faulting it in for each request."""
     if os.environ.get("KILN_KEEP_FREED_MEMORY") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ \
             or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
