@@ -97,11 +97,9 @@ def _raise(doc: dict[str, Any], where: str) -> None:
     raise RuntimeError(f"the engine on {where} failed: {doc['error']}")
 
 
+@functools.cache
 def _dtype(dt: str) -> np.dtype[Any]:
-    return _DTYPES.get(dt) or _DTYPES.setdefault(dt, np.dtype(dt))
-
-
-_DTYPES: dict[str, np.dtype[Any]] = {}
+    return np.dtype(dt)
 
 
 class _Frames(asyncio.Protocol):

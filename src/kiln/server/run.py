@@ -181,8 +181,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if pos:  # what the parser passed on: the part of the body that came with the head
             view[:pos] = bytes(cycle.body)
         whole = _Chunks()
-        whole.parts.append(body)
-        whole.size = len(body)
+        whole += body
         cycle.body = whole  # type: ignore[assignment]
         self._body_left = 0  # the parser's part is over; _BodyInto completes the request
         self.transport.set_protocol(_BodyInto(self, body, view, pos))
