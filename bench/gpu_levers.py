@@ -7,6 +7,8 @@
     python3 bench/gpu_levers.py --lever profile  # where the bf16 variant's time goes, kernel by kernel
     python3 bench/gpu_levers.py --lever dynamic  # the same compile with dynamic shapes, as kiln's variant is built
     python3 bench/gpu_levers.py --lever gelu     # the FFN's GELU in the GEMM's epilogue (cuBLASLt, tanh GELU)
+    python3 bench/gpu_levers.py --lever qkv      # on top of gelu: Q, K and V as one GEMM (kiln's qkv pass), against
+                                                 # Inductor's freezing (alone and with its batch_linear_lhs fusion)
 
 Each row is BERT-base in bf16 under torch.compile(mode="reduce-overhead"), as kiln's compile/bf16+cudagraphs
 variant runs it: seq/s (median of 20 timed rounds of 10 calls), the attention kernels the profiler saw (mask
@@ -30,9 +32,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from kiln.transforms.qkv import FusedQKVAttention
+from kiln.transforms.qkv import fuse as fuse_qkv
 
 
 def timed(f: Callable[[], Any]) -> float:
@@ -58,11 +66,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile,"
-                                                   "gelu,dynamic,kiln")
+                                                   "gelu,dynamic,qkv,kiln")
     p.add_argument("--kiln-all", action="store_true",
                    help="--lever kiln: build every BERT variant bench/gpu.py builds first, as it does, then load one")
     args = p.parse_args()
-    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "kiln"} if args.lever == "all" else set(args.lever.split(","))
+    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "qkv", "kiln"} if args.lever == "all" else set(args.lever.split(","))
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -74,13 +82,17 @@ def main() -> int:
     bf16 = copy.deepcopy(fp32).bfloat16()
     rows: list[tuple[str, float, float, str]] = []
 
-    def run(label: str, model: torch.nn.Module, mask: torch.Tensor | None, dynamic: bool | None = None) -> None:
+    def run(label: str, model: torch.nn.Module, mask: torch.Tensor | None, dynamic: bool | None = None,
+            inductor: dict[str, Any] | None = None) -> None:
         torch._dynamo.reset()
         f = torch.compile(model, mode="reduce-overhead", dynamic=dynamic)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch._inductor.config.patch(inductor or {}):
             call = lambda: f(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
             out = call().clone()
             s = timed(call)
+            total, top = kernel_us(call)
+            print(f"  {label}: {total:,.0f} us of kernels per batch, {len(top)} distinct; top: "
+                  + "; ".join(f"{k} {us:,.0f}us" for us, k in top[:4]), file=sys.stderr, flush=True)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 call()
                 torch.cuda.synchronize()
@@ -109,6 +121,16 @@ def main() -> int:
         for layer in m.encoder.layer:
             layer.intermediate.forward = functools.partial(_linear_gelu_of, layer.intermediate.dense)
         run("bf16, GELU in the GEMM epilogue", m, ones)
+    if "qkv" in levers:
+        m = copy.deepcopy(bf16)
+        for layer in m.encoder.layer:
+            layer.intermediate.forward = functools.partial(_linear_gelu_of, layer.intermediate.dense)
+        run("bf16, GELU epilogue (qkv reference)", m, ones)
+        run("bf16, GELU epilogue, freezing", m, ones, inductor={"freezing": True})
+        run("bf16, GELU epilogue, freezing + batch_linear_lhs", m, ones,
+            inductor={"freezing": True, "pre_grad_fusion_options": {"batch_linear_lhs": {}}})
+        fuse_qkv(m)  # kiln's qkv pass, as the build applies it
+        run("bf16, GELU epilogue + fused QKV GEMM", m, ones)
     if "packed" in levers:
         rows += packed_rows(fp32, bf16, ids, ref)
     if "autotune" in levers:
@@ -152,11 +174,7 @@ class PackedBert(torch.nn.Module):
         self.layers = torch.nn.ModuleList()
         for layer in bert.encoder.layer:
             a = layer.attention.self
-            qkv = torch.nn.Linear(a.query.in_features, 3 * a.query.out_features, dtype=a.query.weight.dtype,
-                                  device=a.query.weight.device)
-            with torch.no_grad():
-                qkv.weight.copy_(torch.cat([a.query.weight, a.key.weight, a.value.weight]))
-                qkv.bias.copy_(torch.cat([a.query.bias, a.key.bias, a.value.bias]))
+            qkv = FusedQKVAttention(a).qkv  # kiln's qkv pass: the three weights concatenated
             self.layers.append(torch.nn.ModuleDict({"qkv": qkv, "attn_out": layer.attention.output.dense,
                                                     "ln1": layer.attention.output.LayerNorm,
                                                     "up": layer.intermediate.dense, "down": layer.output.dense,
@@ -279,17 +297,15 @@ def kernel_us(call: Callable[[], Any], calls: int = 10) -> tuple[float, list[tup
 
 def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor, *, everything: bool = False,
               ) -> list[tuple[str, float, float, str]]:
-    """kiln's own compile/bf16+epilogue+cudagraphs (built by kiln.build from bench/gpu_models.py, loaded by kiln.load)
+    """kiln's own compile/bf16+epilogue+qkv+cudagraphs (built by kiln.build from bench/gpu_models.py, loaded by kiln.load)
     against the same module with the same kiln transforms compiled by hand (mode="reduce-overhead"); with
     `everything`, kiln's other compile variants loaded in the same process too. The rows say where kiln's path
     loses, the kernel sums whether the GPU runs other kernels, the CUDA API counts whether a call is one graph."""
     import tempfile
-    from pathlib import Path
 
     import numpy as np
     from safetensors.torch import save_model
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_models import BertEncoder
 
@@ -297,7 +313,7 @@ def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor, *, every
     from kiln.recipe import Recipe
     from kiln.transforms import apply
 
-    variant = "compile/bf16+epilogue+cudagraphs"
+    variant = "compile/bf16+epilogue+qkv+cudagraphs"
     variants = [variant]
     if everything:  # the same process state as bench/gpu.py: every variant built (and compiled) before the load
         from gpu import MODELS
@@ -315,7 +331,7 @@ def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor, *, every
                objective="throughput")
     print(f"  kiln build {variant}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     runner = kiln.load(work / "models" / "bert", device="cuda", variant=variant)
-    hand = apply(copy.deepcopy(module), Recipe.parse("bf16+epilogue")).cuda().eval()
+    hand = apply(copy.deepcopy(module), Recipe.parse("bf16+epilogue+qkv")).cuda().eval()
     with torch.inference_mode():
         rows = []
         cases: list[tuple[str, Callable[[], Any]]] = [("kiln.load runner.run (bucketed graphs, fp32 out)",
@@ -328,6 +344,9 @@ def kiln_rows(ids: torch.Tensor, ones: torch.Tensor, ref: torch.Tensor, *, every
         cases.append(("same transforms, compile reduce-overhead by hand", lambda: g(ids, ones)))
         g2 = torch.compile(copy.deepcopy(hand), mode="reduce-overhead", dynamic=True)
         cases.append(("same, by hand, dynamic=True", lambda: g2(ids, ones)))
+        g3 = torch.compile(apply(copy.deepcopy(module), Recipe.parse("bf16+epilogue")).cuda().eval(),
+                           mode="reduce-overhead")
+        cases.append(("by hand without qkv (bf16+epilogue)", lambda: g3(ids, ones)))
         for label, call in cases:
             out = call().clone()
             s = timed(call)

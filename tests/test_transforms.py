@@ -157,7 +157,8 @@ def test_recipe_names_round_trip_and_bad_passes_are_refused() -> None:
         Recipe.parse("fp32+sparkle")
     with pytest.raises(KilnError, match="unknown precision"):
         Recipe.parse("fp8")
-    assert layer_kinds(zoo.seeded(ConvNet)) == {"batchnorm": 2, "conv": 2, "linear": 2, "gelu_ffn": 0}
+    assert layer_kinds(zoo.seeded(ConvNet)) == {"batchnorm": 2, "conv": 2, "linear": 2, "gelu_ffn": 0,
+                                                  "self_attention": 0}
 
 
 def test_epilogue_fuses_the_feed_forward_gelu_of_an_encoder() -> None:
@@ -186,3 +187,39 @@ def test_epilogue_fuses_the_feed_forward_gelu_of_an_encoder() -> None:
     assert not any(r.has("epilogue") for r in compile_backend.variants(Target(device="cpu", halves=("bf16",), gelu_ffn=2)))
     with pytest.raises(KilnError, match="no feed-forward Linear"):
         apply(zoo.seeded(ConvNet), Recipe("fp32", ("epilogue",)))
+
+
+def test_qkv_makes_one_projection_of_three_and_keeps_padding_masked() -> None:
+    """A Hugging Face BERT's self-attention layers become one Q/K/V GEMM each; with a padded batch (the mask as the
+    encoder passes it) the fused model computes what the original does (compiled on a GPU, the build verifies it
+    like every variant: bench/gpu.py). Planned on CUDA with the epilogue pass, only where the model has such layers."""
+    transformers = pytest.importorskip("transformers", reason="the encoder extra (transformers) is not installed")
+    from kiln.backends import compile as compile_backend
+    from kiln.backends.common import Target
+    from kiln.transforms.qkv import FusedQKVAttention
+
+    torch.manual_seed(0)
+    for impl in ("sdpa", "eager"):  # the two masks the encoder hands its layers: boolean or additive
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, vocab_size=100, attn_implementation=impl)
+        bert = transformers.BertModel(config, add_pooling_layer=False).eval()
+        assert layer_kinds(bert)["self_attention"] == 2
+        notes: list[str] = []
+        fused = apply(bert, Recipe("fp32", ("qkv",)), notes)
+        assert sum(isinstance(m, FusedQKVAttention) for m in fused.modules()) == 2
+        assert notes == ["qkv: 2 self-attention layer(s) with Q, K and V as one GEMM each"]
+        assert not any(isinstance(m, FusedQKVAttention) for m in bert.modules())
+        ids = torch.randint(0, 100, (3, 9))
+        mask = torch.ones(3, 9, dtype=torch.int64)
+        mask[1, 4:] = 0
+        mask[2, 7:] = 0
+        with torch.inference_mode():
+            want = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(fused(input_ids=ids, attention_mask=mask).last_hidden_state, want)
+    gpu = [r.tag for r in compile_backend.variants(Target(device="cuda:0", halves=("bf16",), gelu_ffn=2,
+                                                          self_attention=2))]
+    assert "bf16+epilogue+qkv+cudagraphs" in gpu
+    no_attention = Target(device="cuda:0", halves=("bf16",), gelu_ffn=2)
+    assert [r.tag for r in compile_backend.variants(no_attention) if r.has("epilogue")] == ["bf16+epilogue+cudagraphs"]
+    with pytest.raises(KilnError, match="no self-attention layer"):
+        apply(zoo.seeded(ConvNet), Recipe("fp32", ("qkv",)))

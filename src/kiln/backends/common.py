@@ -64,6 +64,7 @@ class Target:
     conv: int = 0
     linear: int = 0
     gelu_ffn: int = 0
+    self_attention: int = 0
     halves: tuple[str, ...] = ()
     prune: float | None = None
     transformable: bool = True
@@ -78,9 +79,12 @@ class Target:
         return ("bnfold",) if self.batchnorm and self.transformable else ()
 
     @property
-    def epilogue(self) -> tuple[str, ...]:
-        """The epilogue pass on CUDA where the model has feed-forward Linear + GELU layers to fuse."""
-        return ("epilogue",) if self.gelu_ffn and self.cuda and self.transformable else ()
+    def fused_gemms(self) -> tuple[str, ...]:
+        """On CUDA, the passes that fuse a transformer's GEMMs where the model has the layers for them: the
+        feed-forward Linear + GELU as one GEMM (epilogue), then Q, K and V as one (qkv)."""
+        if not (self.gelu_ffn and self.cuda and self.transformable):
+            return ()
+        return ("epilogue", "qkv") if self.self_attention else ("epilogue",)
 
     @property
     def channels_last(self) -> tuple[str, ...]:

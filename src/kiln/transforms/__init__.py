@@ -56,6 +56,15 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
                             hint="it applies to Hugging Face encoder layers (BERT, RoBERTa, ...); drop +epilogue")
         if notes is not None:
             notes.append(f"epilogue: {fused} Linear + GELU layer(s) as one GEMM each")
+    if recipe.has("qkv"):
+        from kiln.transforms import qkv
+
+        fused = qkv.fuse(out)
+        if not fused:
+            raise KilnError("the qkv pass found no self-attention layer with query, key and value projections to fuse",
+                            hint="it applies to Hugging Face encoder layers (BERT, RoBERTa, ...); drop +qkv")
+        if notes is not None:
+            notes.append(f"qkv: {fused} self-attention layer(s) with Q, K and V as one GEMM each")
     prune = recipe.prune()
     if prune is not None:
         from kiln.transforms import prune as pruning
@@ -82,11 +91,14 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
 def layer_kinds(module: nn.Module) -> dict[str, int]:
     """How many of each layer kind the model has: which passes are worth trying."""
     from kiln.transforms.epilogue import is_gelu_ffn
+    from kiln.transforms.qkv import is_fusable_attention
 
-    counts = {"batchnorm": 0, "conv": 0, "linear": 0, "gelu_ffn": 0}
+    counts = {"batchnorm": 0, "conv": 0, "linear": 0, "gelu_ffn": 0, "self_attention": 0}
     for m in module.modules():
         if is_gelu_ffn(m):
             counts["gelu_ffn"] += 1
+        if is_fusable_attention(m):
+            counts["self_attention"] += 1
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             counts["batchnorm"] += 1
         elif isinstance(m, nn.modules.conv._ConvNd):
