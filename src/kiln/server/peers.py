@@ -4,8 +4,8 @@ Each worker also listens on a Unix socket in a run directory its supervisor made
 endpoints whose answer covers the whole server ask the other workers there, with the `kiln-worker-local` header
 (answer for yourself only), and merge: readiness (ready when every worker is), statistics and metrics (sums),
 drift watch (every worker's report), repository load/unload (done on every worker). Everything else, inference
-included, is answered by the worker that holds the connection: the kernel spreads connections over the workers
-(SO_REUSEPORT), and a worker never forwards a request.
+included, is answered by the worker that holds the connection: the supervisor deals connections to the workers in
+turn (kiln.server.workers.Dealer), and a worker never forwards a request.
 """
 
 from __future__ import annotations

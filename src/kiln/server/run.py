@@ -227,11 +227,43 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, plane: DataPlane | None, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, plane: DataPlane | None, grace_s: float,
+                 handed: socket.socket | None = None) -> None:
         super().__init__(config)
         self.plane = plane
         self.grace_s = grace_s
         self.exit_code = 0
+        self.handed = handed  # a worker's end of the supervisor's Dealer pair: connections accepted for it
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.handed is not None and not self.should_exit:
+            loop = asyncio.get_running_loop()
+            self.handed.setblocking(False)
+            loop.add_reader(self.handed.fileno(), self._take_handed, loop)
+
+    def _take_handed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve each connection the supervisor handed over, as uvicorn serves the ones it accepts itself."""
+        assert self.handed is not None
+
+        def protocol() -> asyncio.Protocol:
+            return self.config.http_protocol_class(  # type: ignore[call-arg]
+                config=self.config, server_state=self.server_state, app_state=self.lifespan.state, _loop=loop)
+
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(self.handed, 1, 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg and not fds:  # the supervisor is gone
+                loop.remove_reader(self.handed.fileno())
+                return
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                loop.create_task(loop.connect_accepted_socket(protocol, sock))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # uvicorn re-raises the signal after shutting down, so the process dies by it (-15). A graceful
@@ -249,7 +281,10 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in self.servers:  # stop accepting first
+        if self.handed is not None:  # stop accepting first
+            asyncio.get_running_loop().remove_reader(self.handed.fileno())
+            self.handed.close()
+        for server in self.servers:
             server.close()
         if self.plane is not None and not self.force_exit:
             self.plane.begin_drain(time.monotonic() + self.grace_s)
@@ -261,11 +296,13 @@ class _Server(uvicorn.Server):
 
 
 def run(app: Any, *, host: str, port: int, grace_s: float, plane: DataPlane | None = None,
-        header_timeout_s: float = 10.0, sockets: list[socket.socket] | None = None, max_body_bytes: int = 64 << 20) -> int:
+        header_timeout_s: float = 10.0, sockets: list[socket.socket] | None = None, max_body_bytes: int = 64 << 20,
+        handed: socket.socket | None = None) -> int:
     """Serve until a signal; returns the exit code (0 after a drain, 1 when no model could be loaded).
-    `sockets`: listen on these already bound sockets instead of host:port (the workers of `--workers N`)."""
+    `sockets`: listen on these already bound sockets instead of host:port; `handed`: also serve the connections that
+    arrive on this Unix socket (the workers of `--workers N`: kiln.server.workers.Dealer)."""
     server = _Server(uvicorn_config(app, host=host, port=port, header_timeout_s=header_timeout_s,
-                                    max_body_bytes=max_body_bytes), plane, grace_s)
+                                    max_body_bytes=max_body_bytes), plane, grace_s, handed)
     server.run(sockets=sockets)
     return server.exit_code
 
@@ -335,7 +372,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
-def serve(settings: Settings, *, sockets: list[socket.socket] | None = None, peers: Any = None) -> int:
+def serve(settings: Settings, *, sockets: list[socket.socket] | None = None, handed: socket.socket | None = None,
+          peers: Any = None) -> int:
     """One server process: load the repository's models, serve HTTP (and gRPC) until a signal, drain, exit."""
     from kiln.server.app import create_app
 
@@ -355,7 +393,7 @@ def serve(settings: Settings, *, sockets: list[socket.socket] | None = None, pee
     app = create_app(plane, api_key=s.api_key, max_body_bytes=s.max_body_bytes, access_log=s.access_log or s.log_json,
                      log_json=s.log_json, grpc_port=s.grpc_port, grpc_host=s.host, peers=peers)
     code = run(app, host=s.host, port=s.port, grace_s=s.grace_s, plane=plane, header_timeout_s=s.header_timeout_s,
-               sockets=sockets, max_body_bytes=s.max_body_bytes)
+               sockets=sockets, max_body_bytes=s.max_body_bytes, handed=handed)
     for name, err in plane.errors.items():
         print(f"model {name} failed to load: {err}", file=sys.stderr)
     return code

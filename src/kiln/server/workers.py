@@ -1,8 +1,12 @@
 """`kiln serve --workers N`: N server processes behind one port, for when one event loop is the bottleneck.
 
 One Python process parses requests on one event loop, about one core's worth (bench/serve.py). With N workers the
-supervisor (this module, in the `kiln serve` process) binds N listening sockets to the same port with SO_REUSEPORT,
-so the kernel spreads connections over them, and starts one worker process per socket. Each worker is a whole
+supervisor (this module, in the `kiln serve` process) listens on the port itself and starts N worker processes; a
+thread of the supervisor accepts each connection and hands it to the next worker in turn (the socket itself, over a
+Unix socket pair: `Dealer`), so the workers hold connections in equal numbers. With KILN_REUSEPORT=1 the workers
+listen on the port together through SO_REUSEPORT instead (kiln's way until 2026-11), where the kernel picks a
+worker by a hash of the client's address: with 64 connections over 16 workers one worker got none and the busiest
+ran at 0.97 of a core while the average was at 0.67 (bench/multigpu.py, two H200s). Each worker is a whole
 server: its own models, batcher and runtimes (memory times N; each runtime gets its share of the cores), its own
 gRPC listener on --grpc-port (gRPC binds with SO_REUSEPORT too). Workers start with OMP_WAIT_POLICY=PASSIVE
 unless it is set: by default libgomp keeps a worker's torch threads spinning for about 3 ms after every parallel
@@ -13,8 +17,8 @@ With `--worker-devices engine` the supervisor first starts one engine process pe
 a Unix socket it binds and holds; the workers then run no model and hand their batches to the engines. Engines are
 restarted like workers, and stopped after the workers have drained.
 
-The supervisor restarts a worker that dies (a crash, an uncaught exception, the OOM killer), holding its socket
-meanwhile so that connections wait in its backlog rather than being refused; it gives up when workers die more than
+The supervisor restarts a worker that dies (a crash, an uncaught exception, the OOM killer), dealing new connections
+to the other workers meanwhile; it gives up when workers die more than
 MAX_RESTARTS times in RESTART_WINDOW_S. A worker that could load no model exits NO_MODEL, which stops the server
 with exit code 1, as a single process does. SIGTERM/SIGINT are passed on: every worker drains (--grace-s) and the
 supervisor exits 0 when they all did.
@@ -23,6 +27,7 @@ supervisor exits 0 when they all did.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -71,19 +77,86 @@ def _probe(host: str, port: int, option: str) -> tuple[int, int, int, Any]:
         return family, kind, proto, probe.getsockname()
 
 
-def listen(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` listening sockets on host:port, sharing it through SO_REUSEPORT (the kernel spreads connections)."""
+def listen(host: str, port: int, count: int = 1) -> list[socket.socket]:
+    """The server's listening socket on host:port (the supervisor's, whose Dealer hands out the connections), or
+    with count > 1 that many sharing the port through SO_REUSEPORT (one per worker: the kernel spreads connections)."""
     family, kind, proto, addr = _probe(host, port, "--port")
     socks = []
     for _ in range(count):
         s = socket.socket(family, kind, proto)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if count > 1:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.set_inheritable(True)
         s.bind(addr)
         s.listen(BACKLOG)
-        s.set_inheritable(True)
         socks.append(s)
     return socks
+
+
+class Dealer:
+    """Accepts the server's connections on a thread of the supervisor and hands each to the next worker in turn: the
+    connected socket, passed over a Unix socket pair (SCM_RIGHTS), which the worker's event loop then serves as if
+    it had accepted it (kiln.server.run). A worker that is gone or not keeping up (its pair full) is passed over for
+    the next; when none takes a connection for HAND_S it is closed."""
+
+    HAND_S = 10.0
+
+    def __init__(self, sock: socket.socket, count: int) -> None:
+        self.sock = sock
+        self.ends: list[socket.socket | None] = [None] * count
+        self.next = 0
+        self.thread = threading.Thread(target=self._run, name="dealer", daemon=True)
+
+    def channel(self, i: int) -> socket.socket:
+        """A new pair for worker i (at every start of it): the worker's end, to pass to it and close here after."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine.setblocking(False)
+        theirs.set_inheritable(True)
+        old, self.ends[i] = self.ends[i], mine
+        if old is not None:
+            old.close()
+        return theirs
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """No more connections: the listening socket closes, so new ones are refused while the workers drain."""
+        if not self.thread.is_alive():
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread out of accept()
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # stopped
+            with conn:
+                self._hand(conn)
+
+    def _hand(self, conn: socket.socket) -> None:
+        deadline = time.monotonic() + self.HAND_S
+        while True:
+            for _ in range(len(self.ends)):
+                i = self.next
+                self.next = (i + 1) % len(self.ends)
+                end = self.ends[i]
+                if end is None:
+                    continue
+                try:
+                    socket.send_fds(end, [b"c"], [conn.fileno()])
+                except OSError:  # gone (restarting) or its pair is full: the next worker
+                    continue
+                return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
 
 def share_of_cores(count: int) -> int:
@@ -94,7 +167,9 @@ def share_of_cores(count: int) -> int:
 
 def supervise(settings: Settings, count: int, *, on_listening: object = None) -> int:
     """Run `count` workers until SIGTERM/SIGINT; returns the exit code."""
-    socks = listen(settings.host, settings.port, count)
+    reuseport = os.environ.get("KILN_REUSEPORT") == "1"
+    socks = listen(settings.host, settings.port, count if reuseport else 1)
+    dealer = Dealer(socks[0], count)
     if settings.grpc_port is not None:  # the workers' gRPC servers share it through SO_REUSEPORT
         _probe(settings.host, settings.grpc_port, "--grpc-port")
     settings.port = socks[0].getsockname()[1]
@@ -110,9 +185,11 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
         on_listening(settings.port)
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
-        doc = {"settings": asdict(settings), "index": i, "count": count, "fd": socks[i].fileno(), "rundir": str(rundir)}
-        return subprocess.Popen([sys.executable, "-m", "kiln.server.workers"],
-                                env={**WORKER_ENV, **os.environ, ENV: json.dumps(doc)}, pass_fds=[socks[i].fileno()])
+        with contextlib.nullcontext(socks[i]) if reuseport else dealer.channel(i) as sock:
+            doc = {"settings": asdict(settings), "index": i, "count": count, "fd": sock.fileno(), "rundir": str(rundir),
+                   "listening": reuseport}
+            return subprocess.Popen([sys.executable, "-m", "kiln.server.workers"],
+                                    env={**WORKER_ENV, **os.environ, ENV: json.dumps(doc)}, pass_fds=[sock.fileno()])
 
     def spawn_engine(i: int) -> subprocess.Popen[bytes]:
         doc = {"device": devices[i], "fd": esocks[i].fileno(), "slots": str(slots), "grace_s": settings.grace_s,
@@ -122,9 +199,12 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
 
     engines = [spawn_engine(i) for i in range(len(devices))]  # first: the workers' models wait for them
     procs = [spawn(i) for i in range(count)]
+    if not reuseport:
+        dealer.start()
     state = {"stopping": False, "forced": False}
 
     def stop_all(sig: int = signal.SIGTERM) -> None:
+        dealer.stop()
         for p in procs if sig == signal.SIGTERM else procs + engines:  # engines stop once the workers drained
             if p.poll() is None:
                 p.send_signal(sig)
@@ -192,8 +272,11 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for sock in socks + esocks:
-            sock.close()
+        for end in dealer.ends:
+            if end is not None:
+                end.close()
+        for sk in socks + esocks:
+            sk.close()
         shutil.rmtree(rundir, ignore_errors=True)
         if slots is not None:
             shutil.rmtree(slots, ignore_errors=True)
@@ -201,11 +284,12 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
 
 
 def worker_main() -> int:
-    """A worker: the settings from the environment, the inherited listening socket, a Unix socket for the others."""
+    """A worker: the settings from the environment, its end of the Dealer's pair (the connections it is handed), a
+    Unix socket for the other workers."""
     doc = json.loads(os.environ.pop(ENV))
     name_thread(f"worker-{doc['index']}")  # its event loop
     settings = Settings(**{**doc["settings"], "worker": (doc["index"], doc["count"])})
-    tcp = socket.socket(fileno=doc["fd"])
+    sock = socket.socket(fileno=doc["fd"])  # a listening socket of its own (KILN_REUSEPORT=1) or the Dealer's pair
     path = socket_path(doc["rundir"], doc["index"])
     path.unlink(missing_ok=True)  # a crashed predecessor's
     uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,7 +300,8 @@ def worker_main() -> int:
         import torch
 
         torch.set_num_threads(int(threads))  # torch's intra-op pool is per process: this worker's share
-    code = serve(settings, sockets=[tcp, uds], peers=Peers(doc["rundir"], doc["index"], doc["count"]))
+    sockets, handed = ([sock, uds], None) if doc.get("listening") else ([uds], sock)
+    code = serve(settings, sockets=sockets, handed=handed, peers=Peers(doc["rundir"], doc["index"], doc["count"]))
     return NO_MODEL if code == 1 else code  # 1 is also what an uncaught exception exits with: that one is restarted
 
 
