@@ -301,3 +301,51 @@ def test_merged_statistics_sum_per_model_and_batch_size() -> None:
     assert s["inference_count"] == 8 and s["last_inference"] == 5
     assert s["inference_stats"]["compute_infer"] == {"count": 8, "ns": 80}
     assert [(b["batch_size"], b["compute_infer"]["count"]) for b in s["batch_stats"]] == [(1, 2), (2, 5), (4, 4)]
+
+
+def test_the_dealer_hands_connections_in_turn_and_passes_over_a_gone_worker() -> None:
+    """The supervisor's Dealer, in this process: three workers' pairs, six connections make two each, in the order
+    they came; a worker whose end is closed (dead, restarting) is passed over. listen(count=2) is KILN_REUSEPORT's
+    two sockets on one port."""
+    from kiln.server.workers import Dealer, listen
+
+    (sock,) = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    dealer = Dealer(sock, 3)
+    workers = [dealer.channel(i) for i in range(3)]
+    for w in workers:
+        w.settimeout(10)
+    dealer.start()
+    got: list[list[int]] = [[], [], []]
+
+    def take(i: int, n: int) -> None:
+        for _ in range(n):
+            _, fds, _, _ = socket.recv_fds(workers[i], 1, 4)
+            with socket.socket(fileno=fds[0]) as conn:
+                got[i].append(int(conn.recv(8)))  # the client's own number: each socket is the client's connection
+
+    def connect(n: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(str(n).encode())
+
+    try:
+        for n in range(6):
+            connect(n)
+            take(n % 3, 1)
+        assert got == [[0, 3], [1, 4], [2, 5]]
+        workers[1].close()  # worker 1 is gone: the turn passes over it
+        for n, i in ((6, 0), (7, 2), (8, 0)):
+            connect(n)
+            take(i, 1)
+        assert got == [[0, 3, 6, 8], [1, 4], [2, 5, 7]]
+    finally:
+        dealer.stop()
+        for w in workers:
+            w.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)  # stopped: the port is closed, not silently open
+    shared = listen("127.0.0.1", 0, 2)
+    assert shared[0].getsockname() == shared[1].getsockname()
+    assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in shared)
+    for s in shared:
+        s.close()
