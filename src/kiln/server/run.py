@@ -83,10 +83,10 @@ class _BodyInto(asyncio.BufferedProtocol):
     reads straight into the body's final bytes (never past its end, so a pipelined request stays in the socket),
     then hands the connection back."""
 
-    __slots__ = ("owner", "body", "view", "pos")
+    __slots__ = ("owner", "view", "pos")
 
-    def __init__(self, owner: HeaderTimeoutProtocol, body: bytes, view: memoryview, pos: int) -> None:
-        self.owner, self.body, self.view, self.pos = owner, body, view, pos
+    def __init__(self, owner: HeaderTimeoutProtocol, view: memoryview, pos: int) -> None:
+        self.owner, self.view, self.pos = owner, view, pos
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.view[self.pos:]
@@ -184,7 +184,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         whole += body
         cycle.body = whole  # type: ignore[assignment]
         self._body_left = 0  # the parser's part is over; _BodyInto completes the request
-        self.transport.set_protocol(_BodyInto(self, body, view, pos))
+        self.transport.set_protocol(_BodyInto(self, view, pos))
 
     def _body_end(self, last: bytes | None) -> None:
         """The last bytes of a body that bypassed the parser are here (`last`; None: _BodyInto read them)."""
@@ -234,6 +234,7 @@ class _Server(uvicorn.Server):
         self.grace_s = grace_s
         self.exit_code = 0
         self.handed = handed  # a worker's end of the supervisor's Dealer pair: connections accepted for it
+        self._handing: set[asyncio.Task[Any]] = set()  # the loop keeps tasks only weakly
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -263,7 +264,9 @@ class _Server(uvicorn.Server):
             for fd in fds:
                 sock = socket.socket(fileno=fd)
                 sock.setblocking(False)
-                loop.create_task(loop.connect_accepted_socket(protocol, sock))
+                task = loop.create_task(loop.connect_accepted_socket(protocol, sock))
+                self._handing.add(task)
+                task.add_done_callback(self._handing.discard)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # uvicorn re-raises the signal after shutting down, so the process dies by it (-15). A graceful

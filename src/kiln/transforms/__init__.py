@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,23 +49,15 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
         if notes is not None:
             notes.append(f"bnfold: folded {folded} BatchNorm layer(s)")
     if recipe.has("epilogue"):
-        from kiln.transforms.epilogue import fuse
+        from kiln.transforms import epilogue
 
-        fused = fuse(out)
-        if not fused:
-            raise KilnError("the epilogue pass found no feed-forward Linear + GELU layer to fuse",
-                            hint="it applies to Hugging Face encoder layers (BERT, RoBERTa, ...); drop +epilogue")
-        if notes is not None:
-            notes.append(f"epilogue: {fused} Linear + GELU layer(s) as one GEMM each")
+        _fused("epilogue", epilogue.fuse(out), "feed-forward Linear + GELU layer",
+               "Linear + GELU layer(s) as one GEMM each", notes)
     if recipe.has("qkv"):
         from kiln.transforms import qkv
 
-        fused = qkv.fuse(out)
-        if not fused:
-            raise KilnError("the qkv pass found no self-attention layer with query, key and value projections to fuse",
-                            hint="it applies to Hugging Face encoder layers (BERT, RoBERTa, ...); drop +qkv")
-        if notes is not None:
-            notes.append(f"qkv: {fused} self-attention layer(s) with Q, K and V as one GEMM each")
+        _fused("qkv", qkv.fuse(out), "self-attention layer with query, key and value projections",
+               "self-attention layer(s) with Q, K and V as one GEMM each", notes)
     prune = recipe.prune()
     if prune is not None:
         from kiln.transforms import prune as pruning
@@ -86,6 +79,24 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
     if recipe.dtype is not None or channels_last:
         out = Adapted(out, recipe.dtype, channels_last)
     return out
+
+
+def _fused(name: str, count: int, missing: str, done: str, notes: list[str] | None) -> None:
+    """A fusion pass for Hugging Face encoder layers replaced `count` layers: refuse none, note how many."""
+    if not count:
+        raise KilnError(f"the {name} pass found no {missing} to fuse",
+                        hint=f"it applies to Hugging Face encoder layers (BERT, RoBERTa, ...); drop +{name}")
+    if notes is not None:
+        notes.append(f"{name}: {count} {done}")
+
+
+def replace_layers(module: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[Any], nn.Module]) -> int:
+    """Replace, in place, every submodule for which `match` holds by `make(submodule)`; returns how many."""
+    targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+               if match(child)]
+    for parent, name, child in targets:
+        setattr(parent, name, make(child))
+    return len(targets)
 
 
 def layer_kinds(module: nn.Module) -> dict[str, int]:

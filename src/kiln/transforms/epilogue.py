@@ -53,8 +53,6 @@ def is_gelu_ffn(m: nn.Module) -> bool:
 
 def fuse(module: nn.Module) -> int:
     """Replace every fusable intermediate layer in place; returns how many were replaced."""
-    targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-               if is_gelu_ffn(child)]
-    for parent, name, child in targets:
-        setattr(parent, name, LinearGELU(child.dense))  # type: ignore[arg-type]
-    return len(targets)
+    from kiln.transforms import replace_layers
+
+    return replace_layers(module, is_gelu_ffn, lambda m: LinearGELU(m.dense))

@@ -64,8 +64,6 @@ def is_fusable_attention(m: nn.Module) -> bool:
 
 def fuse(module: nn.Module) -> int:
     """Replace every fusable self-attention layer in place; returns how many were replaced."""
-    targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-               if is_fusable_attention(child)]
-    for parent, name, child in targets:
-        setattr(parent, name, FusedQKVAttention(child))
-    return len(targets)
+    from kiln.transforms import replace_layers
+
+    return replace_layers(module, is_fusable_attention, FusedQKVAttention)
