@@ -39,8 +39,8 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from kiln.transforms.qkv import FusedQKVAttention
-from kiln.transforms.qkv import fuse as fuse_qkv
+from kiln.transforms import replace_layers
+from kiln.transforms.qkv import FusedQKVAttention, is_fusable_attention
 
 
 def timed(f: Callable[[], Any]) -> float:
@@ -129,7 +129,7 @@ def main() -> int:
         run("bf16, GELU epilogue, freezing", m, ones, inductor={"freezing": True})
         run("bf16, GELU epilogue, freezing + batch_linear_lhs", m, ones,
             inductor={"freezing": True, "pre_grad_fusion_options": {"batch_linear_lhs": {}}})
-        fuse_qkv(m)  # kiln's qkv pass, as the build applies it
+        replace_layers(m, is_fusable_attention, FusedQKVAttention)  # kiln's qkv pass, as the build applies it
         run("bf16, GELU epilogue + fused QKV GEMM", m, ones)
     if "packed" in levers:
         rows += packed_rows(fp32, bf16, ids, ref)

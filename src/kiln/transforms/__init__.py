@@ -49,14 +49,15 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
         if notes is not None:
             notes.append(f"bnfold: folded {folded} BatchNorm layer(s)")
     if recipe.has("epilogue"):
-        from kiln.transforms import epilogue
+        from kiln.transforms.epilogue import LinearGELU, is_gelu_ffn
 
-        _fused("epilogue", epilogue.fuse(out), "feed-forward Linear + GELU layer",
-               "Linear + GELU layer(s) as one GEMM each", notes)
+        _fused("epilogue", replace_layers(out, is_gelu_ffn, lambda m: LinearGELU(m.dense)),
+               "feed-forward Linear + GELU layer", "Linear + GELU layer(s) as one GEMM each", notes)
     if recipe.has("qkv"):
-        from kiln.transforms import qkv
+        from kiln.transforms.qkv import FusedQKVAttention, is_fusable_attention
 
-        _fused("qkv", qkv.fuse(out), "self-attention layer with query, key and value projections",
+        _fused("qkv", replace_layers(out, is_fusable_attention, FusedQKVAttention),
+               "self-attention layer with query, key and value projections",
                "self-attention layer(s) with Q, K and V as one GEMM each", notes)
     prune = recipe.prune()
     if prune is not None:

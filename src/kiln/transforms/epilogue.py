@@ -50,9 +50,3 @@ def is_gelu_ffn(m: nn.Module) -> bool:
     return (isinstance(dense, nn.Linear) and dense.bias is not None and act is not None
             and type(act).__name__ in _GELUS and type(m).__name__.endswith("Intermediate"))
 
-
-def fuse(module: nn.Module) -> int:
-    """Replace every fusable intermediate layer in place; returns how many were replaced."""
-    from kiln.transforms import replace_layers
-
-    return replace_layers(module, is_gelu_ffn, lambda m: LinearGELU(m.dense))

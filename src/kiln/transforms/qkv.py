@@ -61,9 +61,3 @@ def is_fusable_attention(m: nn.Module) -> bool:
             and not getattr(m, "is_decoder", False) and not getattr(m, "is_causal", False)
             and not getattr(config, "output_attentions", False))
 
-
-def fuse(module: nn.Module) -> int:
-    """Replace every fusable self-attention layer in place; returns how many were replaced."""
-    from kiln.transforms import replace_layers
-
-    return replace_layers(module, is_fusable_attention, FusedQKVAttention)
