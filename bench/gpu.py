@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,7 +143,7 @@ def _row(label: str, fn: Any, small: list[torch.Tensor], large: list[torch.Tenso
 
 def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool = False,
               baseline_mode: str = "reduce-overhead", out: Path | None = None, done: list[dict[str, Any]] | None = None,
-              ) -> dict[str, Any]:
+              profile: bool = False) -> dict[str, Any]:
     spec = MODELS[name]
     variants = variants or spec["variants"] + ([spec["autotune"]] if autotune else [])
     from gpu_models import BertEncoder, resnet50
@@ -185,6 +186,14 @@ def run_model(name: str, work: Path, variants: list[str] | None, autotune: bool 
     res = {"model": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": spec["batch"],
            "selected": r.selected, "build_s": build_s, "rows": rows, "targets": spec["targets"], "unit": spec["unit"],
            "selection": r.manifest.get("selection")}
+    if profile:  # `kiln profile` on the GPU, as a user runs it: the selected variant's kernels at 1 and at the batch
+        res["profiles"] = {}
+        for b in (1, spec["batch"]):
+            p = subprocess.run([sys.executable, "-m", "kiln", "profile", str(work / "models" / name), "--device", "cuda",
+                                "--batch", str(b), "--top", "25"], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
+            res["profiles"][b] = p.stdout if p.returncode == 0 else f"kiln profile failed ({p.returncode}): {p.stderr[-2000:]}"
+            print(res["profiles"][b], file=sys.stderr, flush=True)
     if out is not None:  # partial results as they come: kept if the baselines run out of time
         out.write_text(json.dumps([*(done or []), {**res, "partial": True}], indent=2, default=str))
     rows += baselines(name, module, spec["batch"], baseline_mode)
@@ -235,6 +244,9 @@ def main() -> int:
     p.add_argument("--baseline-autotune", action="store_true",
                    help="the hand-written baseline compiles with mode=max-autotune (autotunes for minutes) instead of "
                         "reduce-overhead")
+    p.add_argument("--profile", action="store_true",
+                   help="run `kiln profile --device cuda` on the selected variant at batch 1 and at the throughput batch "
+                        "(kernel by kernel; the text goes to stderr and into --out)")
     p.add_argument("--out", type=Path, help="write every number as JSON here, as results come")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -245,7 +257,8 @@ def main() -> int:
     results = []
     for name in ([args.only] if args.only else list(MODELS)):
         results.append(run_model(name, work, args.variants.split(",") if args.variants else None, args.max_autotune,
-                                 "max-autotune" if args.baseline_autotune else "reduce-overhead", args.out, results))
+                                 "max-autotune" if args.baseline_autotune else "reduce-overhead", args.out, results,
+                                 args.profile))
         if args.out:
             args.out.write_text(json.dumps(results, indent=2, default=str))
         print(table(results[-1]), flush=True)

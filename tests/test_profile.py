@@ -4,8 +4,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import kiln
-from kiln.profile import profile
+from kiln.profile import KernelStat, ProfileResult, kernel_kind, profile
 
 
 def test_torch_profile_and_trace(built: Callable[[str], kiln.BuildResult], tmp_path: Path) -> None:
@@ -31,3 +33,29 @@ def test_profile_cli(built: Callable[[str], kiln.BuildResult], tmp_path: Path) -
                         "--trace", str(tmp_path / "cli.json")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "top operators by self time" in p.stdout and (tmp_path / "cli.json").is_file()
+
+
+@pytest.mark.parametrize(("name", "kind"), [  # kernel names from torch.profiler on an H100 (bench/results)
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1", "convolution"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_gelubias_TNT", "GEMM"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
+    ("triton_poi_fused_add_convolution_relu_5", "fused pointwise/reduction (triton)"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_arange", "fused pointwise/reduction (triton)"),
+    ("triton_per_fused_add_native_layer_norm_view_2", "fused pointwise/reduction (triton)"),
+    ("triton_tem_fused_convolution_0", "convolution"),
+    ("triton_tem_fused_addmm_1", "GEMM"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true, (cudnnKernelDataType_t)0>", "layout transform"),
+    ("Memcpy DtoD (Device -> Device)", "copy/fill"),
+    ("void at::native::(anonymous namespace)::max_pool_forward_nhwc<c10::Half, c10::Half>", "pooling"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "other"),
+])
+def test_a_cuda_kernel_is_named_by_what_it_does(name: str, kind: str) -> None:
+    assert kernel_kind(name) == kind
+
+
+def test_kinds_add_up_the_kernels_per_run() -> None:
+    r = ProfileResult("compile/fp16", "torch.profiler", [], None, None, 0.0, run_us=120.0, kernels=[
+        KernelStat("sm90_xmma_fprop_implicit_gemm_a", "convolution", 50.0, 2),
+        KernelStat("triton_poi_fused_relu_0", "fused pointwise/reduction (triton)", 20.0, 2),
+        KernelStat("sm90_xmma_fprop_implicit_gemm_b", "convolution", 30.0, 1)])
+    assert r.kinds() == [("convolution", 80.0), ("fused pointwise/reduction (triton)", 20.0)]

@@ -8,13 +8,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from kiln import __version__
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.profile import ProfileResult
 
 _BUILD_EXAMPLE = """example:
   kiln build examples/digits/model.py:DigitsNet --weights examples/digits/digits.safetensors \\
@@ -543,8 +546,10 @@ def _profile(args: argparse.Namespace) -> int:
     from kiln.table import Grid, show
 
     console = _console()
-    console.print(f"{result.variant} at batch {args.batch}: top operators by self time over {args.steps} runs "
-                  f"({result.profiler})", highlight=False)
+    if result.run_us is not None:
+        _kernel_tables(console, result, result.run_us, args)
+    console.print(f"{result.variant} at batch {args.batch}: top operators by {'CPU ' if result.run_us else ''}self time "
+                  f"over {args.steps} runs ({result.profiler})", highlight=False)
     t = Grid(None, ["operator", "self ms", "self %", "calls"])
     total = sum(o.self_ms for o in result.ops) or 1.0
     for o in result.ops[: args.top]:
@@ -555,6 +560,25 @@ def _profile(args: argparse.Namespace) -> int:
     if result.memory:
         console.print(result.memory, highlight=False)
     return 0
+
+
+def _kernel_tables(console: Console, result: ProfileResult, run_us: float, args: argparse.Namespace) -> None:
+    """On CUDA: one run's wall time, the GPU time by kernel kind, and the kernels one by one."""
+    from kiln.table import Grid, show
+
+    gpu_us = sum(k.us for k in result.kernels)
+    console.print(f"{result.variant} at batch {args.batch} on {args.device}: {run_us:,.0f} us per run "
+                  f"(median, synchronized), {gpu_us:,.0f} us of it in GPU kernels ({gpu_us / run_us:.0%} busy)",
+                  highlight=False)
+    t = Grid(None, ["kernel kind", "us per run", "share"])
+    for kind, us in result.kinds():
+        t.add([kind, f"{us:,.1f}", f"{us / (gpu_us or 1):.1%}"])
+    show(console, t)
+    t = Grid(None, ["kernel", "kind", "us per run", "share", "launches per run"])
+    for k in result.kernels[: args.top]:
+        name = k.name if len(k.name) <= 90 else k.name[:87] + "..."
+        t.add([name, k.kind, f"{k.us:,.1f}", f"{k.us / (gpu_us or 1):.1%}", f"{k.launches:g}"])
+    show(console, t)
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,18 +32,61 @@ class OpStat:
 
 
 @dataclass
+class KernelStat:
+    name: str
+    kind: str  # kernel_kind(name)
+    us: float  # GPU time per run
+    launches: float  # per run
+
+
+@dataclass
 class ProfileResult:
     variant: str
     profiler: str
-    ops: list[OpStat]
+    ops: list[OpStat]  # on CUDA: CPU self time only; the GPU's time is in kernels
     trace: str | None
     memory: str | None
     peak_mb: float
+    kernels: list[KernelStat] = field(default_factory=list)  # CUDA only, by GPU time
+    run_us: float | None = None  # CUDA only: median wall time of one synchronized run, outside the profiler
+
+    def kinds(self) -> list[tuple[str, float]]:
+        """GPU time per run by kernel kind, largest first."""
+        totals: dict[str, float] = defaultdict(float)
+        for k in self.kernels:
+            totals[k.kind] += k.us
+        return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+_KINDS = (  # first match wins: cuDNN names its convolutions "..._implicit_gemm_...", so convolutions come before GEMMs
+    ("attention", ("attention", "fmha", "flash", "sdpa")),
+    ("convolution", ("conv", "fprop", "implicit_gemm", "dgrad", "wgrad", "winograd")),
+    ("GEMM", ("gemm", "cutlass", "nvjet", "matmul", "sm90_xmma", "sm80_xmma")),
+    ("layout transform", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("pooling", ("pool",)),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """What a CUDA kernel does, from its name: attention, convolution, GEMM, fused pointwise/reduction (Inductor's
+    Triton kernels), layout transform, pooling, copy/fill or other.
+
+    >>> kernel_kind("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64")
+    'convolution'
+    """
+    low = name.lower()
+    if low.startswith("triton_"):  # Inductor names its kernels after the ops they fuse: "..._convolution_relu" is a ReLU
+        if low.startswith("triton_tem"):  # a Triton template (max-autotune) is the GEMM or convolution itself
+            return "convolution" if "conv" in low else "GEMM"
+        return "fused pointwise/reduction (triton)"
+    return next((kind for kind, words in _KINDS if any(w in low for w in words)), "other")
 
 
 def profile(path: str | Path, *, variant: str | None = None, batch: int = 1, steps: int = 20, device: str = "cpu",
             trace: str | Path | None = None, memory: bool = False) -> ProfileResult:
-    """Profile `steps` runs of one variant at `batch`.
+    """Profile `steps` runs of one variant at `batch`. On CUDA the result also has the GPU's kernels, one by one
+    (`kernels`, `kinds()`), and the wall time of one run (`run_us`).
 
     >>> profile("models/digits", batch=32, trace="trace.json").ops[:3]
     """
@@ -53,11 +98,11 @@ def profile(path: str | Path, *, variant: str | None = None, batch: int = 1, ste
     xs = _inputs(inputs, batch)
     if entry["backend"] == "onnxruntime":
         ops, trace_path, mem = _profile_ort(version_dir, entry, inputs, xs, steps, device, trace)
-        name = "onnxruntime profiler"
-    else:
-        ops, trace_path, mem = _profile_torch(version_dir, entry, xs, steps, device, trace, memory)
-        name = "torch.profiler"
-    return ProfileResult(entry["variant"], name, ops, trace_path, _timeline(mem) if memory else None, mem.peak_mb)
+        return ProfileResult(entry["variant"], "onnxruntime profiler", ops, trace_path, _timeline(mem) if memory else None,
+                             mem.peak_mb)
+    ops, trace_path, mem, kernels, run_us = _profile_torch(version_dir, entry, xs, steps, device, trace, memory)
+    return ProfileResult(entry["variant"], "torch.profiler", ops, trace_path, _timeline(mem) if memory else None,
+                         mem.peak_mb, kernels, run_us)
 
 
 def _inputs(inputs: list[TensorSpec], batch: int) -> list[torch.Tensor]:
@@ -68,7 +113,9 @@ def _inputs(inputs: list[TensorSpec], batch: int) -> list[torch.Tensor]:
 
 
 def _profile_torch(version_dir: Path, entry: dict, xs: list[torch.Tensor], steps: int, device: str,
-                   trace: str | Path | None, memory: bool) -> tuple[list[OpStat], str | None, PeakMemory]:
+                   trace: str | Path | None, memory: bool,
+                   ) -> tuple[list[OpStat], str | None, PeakMemory, list[KernelStat], float | None]:
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -77,22 +124,38 @@ def _profile_torch(version_dir: Path, entry: dict, xs: list[torch.Tensor], steps
     for _ in range(3):
         runner.run(xs)
     cuda = device.startswith("cuda")
+    run_us = _run_us(runner, xs, steps) if cuda else None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with PeakMemory(device) as mem, torch_profile(activities=activities, profile_memory=memory) as prof:
         for _ in range(steps):
             runner.run(xs)
         if cuda:
             torch.cuda.synchronize()
-    ops = []
+    ops, kernels = [], []
     for e in prof.key_averages():
-        self_us = e.self_cpu_time_total + (getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) if cuda else 0)
-        ops.append(OpStat(e.key, self_us / 1e3, e.count))
+        if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CUDA:  # a kernel, a copy or a fill on the GPU
+            us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+            kernels.append(KernelStat(e.key, kernel_kind(e.key), us / steps, e.count / steps))
+        else:
+            ops.append(OpStat(e.key, e.self_cpu_time_total / 1e3, e.count))
     ops.sort(key=lambda o: o.self_ms, reverse=True)
+    kernels.sort(key=lambda k: k.us, reverse=True)
     out = None
     if trace:
         prof.export_chrome_trace(str(trace))
         out = str(trace)
-    return ops, out, mem
+    return ops, out, mem, kernels, run_us
+
+
+def _run_us(runner: object, xs: list[torch.Tensor], steps: int) -> float:
+    """Median wall time of one run, synchronized, outside the profiler (the kernels' share of it is the GPU's busy time)."""
+    samples = []
+    for _ in range(max(steps, 10)):
+        t0 = time.perf_counter()
+        runner.run(xs)  # type: ignore[attr-defined]
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
 
 
 def _profile_ort(version_dir: Path, entry: dict, inputs: list[TensorSpec], xs: list[torch.Tensor], steps: int,
