@@ -4,7 +4,8 @@
     python3 bench/gpu.py --only resnet50             # or --only bert
 
 For each model, `kiln.build(device="cuda")` runs a chosen set of variants (ResNet-50: eager fp32, fp16
-channels_last with CUDA graphs, torch.compile fp16/bf16 with CUDA graphs; BERT: the same in fp16/bf16, with and without the `epilogue` and `qkv` passes
+channels_last with CUDA graphs, torch.compile fp16 with CUDA graphs, and fp16/bf16 with the `convfuse` pass (cuDNN's
+fused convolution + bias + residual + ReLU); BERT: the same in fp16/bf16, with and without the `epilogue` and `qkv` passes
 (the FFN's GELU in the GEMM; Q, K and V as one GEMM), plus torchao int8; TensorRT fp16 where tensorrt is installed; `--max-autotune` adds kiln's max-autotune variant), verifies each against
 fp32 eager (TF32 off) on 64 random inputs, and times it at batch 1 and at the throughput batch (256
 images, 64 sequences of 128 tokens) from device-resident inputs; the throughput column is per call (synchronized
@@ -47,8 +48,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {
         "source": "resnet50", "inputs": ["image:float32[batch,3,224,224]"], "batch": 256, "dims": {},
         "variants": ["eager/fp32", "eager/fp16+bnfold+channels_last+cudagraphs",
-                     "compile/fp16+bnfold+channels_last+cudagraphs", "compile/bf16+bnfold+channels_last+cudagraphs",
-                     "tensorrt/fp16"],
+                     "compile/fp16+bnfold+channels_last+cudagraphs", "compile/fp16+bnfold+channels_last+convfuse+cudagraphs",
+                     "compile/bf16+bnfold+channels_last+convfuse+cudagraphs", "tensorrt/fp16"],
         "autotune": "compile/fp16+bnfold+channels_last+max-autotune+cudagraphs",
         "targets": {"items_per_s": 30_000, "p50_ms_1": 0.45}, "unit": "img/s",
     },

@@ -223,3 +223,126 @@ def test_qkv_makes_one_projection_of_three_and_keeps_padding_masked() -> None:
     assert [r.tag for r in compile_backend.variants(no_attention) if r.has("epilogue")] == ["bf16+epilogue+cudagraphs"]
     with pytest.raises(KilnError, match="no self-attention layer"):
         apply(zoo.seeded(ConvNet), Recipe("fp32", ("qkv",)))
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet block, as written there: conv-BN-ReLU twice, conv-BN, `out += identity`, in-place ReLU."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width))
+                           if stride != 1 or cin != 4 * width else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(Bottleneck(8, 4), Bottleneck(16, 4), Bottleneck(16, 8, stride=2))
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(self.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+class GatedResNet(TinyResNet):
+    """The same layers behind a data-dependent `if`: the whole does not trace, its blocks do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if x.sum() > -1e9 else x.mean()
+
+
+@pytest.mark.parametrize(("cls", "fusions"), [(TinyResNet, 1 + 3 * 3), (GatedResNet, 3 * 3), (ConvNet, 2),
+                                              (zoo.ConvBN, 1)])
+def test_convfuse_makes_conv_bias_residual_relu_one_op_and_keeps_outputs(cls: type[nn.Module], fusions: int) -> None:
+    """After bnfold, every conv -> ReLU and conv -> add -> ReLU is one kiln::conv_relu call (the stem, two per block,
+    the block's last conv with its residual); off CUDA the op computes the same in plain ATen, so the rewritten model
+    matches the original. Where the whole model does not trace (GatedResNet), its children are rewritten."""
+    from kiln.transforms import convfuse
+
+    model = zoo.seeded(cls)
+    for m in model.modules():  # BatchNorm statistics that are not the identity, so that folding is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    notes: list[str] = []
+    fused = apply(model, Recipe("fp32", ("bnfold", "convfuse")), notes)
+    assert convfuse.count(apply(model, Recipe("fp32", ("bnfold",)))) == fusions
+    calls = [n for m in fused.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+             if n.target is torch.ops.kiln.conv_relu.default]
+    assert len(calls) == fusions and notes[-1] == f"convfuse: {fusions} convolution(s) + bias [+ residual] + ReLU as one cuDNN call each"
+    with_residual = sum(n.args[3] is not None for n in calls)
+    assert with_residual == (3 if cls in (TinyResNet, GatedResNet) else 0)
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in model.modules())  # the original is untouched
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convfuse_leaves_a_conv_whose_output_is_used_twice_and_refuses_a_model_without_one() -> None:
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return torch.relu(y) + y  # fusing the ReLU would lose y
+
+    from kiln.transforms import convfuse
+
+    assert convfuse.count(Branch()) == 0
+    with pytest.raises(KilnError, match="no convolution followed by ReLU") as e:
+        apply(Branch(), Recipe("fp32", ("convfuse",)))
+    assert "drop +convfuse" in str(e.value.hint)
+    with pytest.raises(KilnError, match="no convolution followed by ReLU"):
+        apply(zoo.seeded(zoo.MLP), Recipe("fp32", ("convfuse",)))
+
+
+def test_convfuse_fake_op_has_the_real_ops_shape_and_layout() -> None:
+    """torch.compile sees the op through its fake: shape and strides must be what the op returns, NCHW and NHWC,
+    with stride, padding and dilation (else Inductor would read the output with wrong strides)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kiln.transforms.convfuse import conv_relu
+
+    for channels_last in (False, True):
+        x, w, b = torch.randn(2, 6, 15, 13), torch.randn(8, 3, 3, 5), torch.randn(8)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
+        args = ([2, 1], [1, 2], [2, 1], 2)
+        real = conv_relu(x, w, b, None, *args)
+        z = torch.randn(real.shape).contiguous(memory_format=fmt)
+        torch.testing.assert_close(conv_relu(x, w, b, z, *args), torch.relu(
+            nn.functional.conv2d(x, w, b, *args) + z))
+        with FakeTensorMode() as mode:
+            fake = conv_relu(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), None, *args)
+        assert fake.shape == real.shape and fake.stride() == real.stride()
+        assert real.is_contiguous(memory_format=fmt)
+
+
+def test_convfuse_is_planned_on_cuda_for_cnns_with_conv_relu() -> None:
+    from kiln.backends import compile as compile_backend
+    from kiln.backends.common import Target
+    from kiln.plan import make_target
+
+    t = make_target(zoo.seeded(TinyResNet), device="cuda:0", low_precision=("fp16",))
+    assert t.conv_relu == 1 + 3 * 3 and t.fused == ("convfuse",)
+    assert "fp16+bnfold+channels_last+convfuse+cudagraphs" in [r.tag for r in compile_backend.variants(t)]
+    assert make_target(zoo.seeded(TinyResNet), device="cpu").conv_relu == 0  # not traced for a CPU build
+    assert Target(device="cuda:0", conv=3, halves=("fp16",)).fused == ()
+    with pytest.raises(Skip, match="CUDA only"):
+        from kiln.backends.eager import check_recipe
+
+        check_recipe(Recipe("fp16", ("convfuse",)), "cpu")

@@ -124,6 +124,10 @@ def make_target(module: nn.Module | None, *, device: str = "cpu", precision: str
     """What the backends are told about the model and the machine."""
     transformable = transformable and module is not None
     kinds = layer_kinds(module) if transformable and module is not None else {}  # Target's counts default to 0
+    if device.startswith("cuda") and kinds.get("conv") and module is not None:
+        from kiln.transforms import convfuse
+
+        kinds["conv_relu"] = convfuse.count(apply(module, Recipe("fp32", ("bnfold",) if kinds.get("batchnorm") else ())))
     halves = tuple(p for p in ("fp16", "bf16") if (p in low_precision or precision == p) and transformable)
     return Target(device=device, source_kind=source_kind, halves=halves, prune=prune, transformable=transformable,
                   **kinds)

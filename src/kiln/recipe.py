@@ -10,6 +10,7 @@ A variant is `backend/recipe`, e.g. `aoti/int8-static`, `eager/fp16+channels_las
 - `epilogue`        a transformer FFN's Linear + GELU as one cuBLASLt GEMM with a GELU epilogue (CUDA, fp16/bf16;
                     see kiln.transforms.epilogue)
 - `qkv`             a transformer self-attention's Q, K and V projections as one GEMM (see kiln.transforms.qkv)
+- `convfuse`        a convolution + bias [+ residual add] + ReLU as one cuDNN call (CUDA; see kiln.transforms.convfuse)
 - `cudagraphs`      CUDA graphs per batch bucket (runtime option, CUDA only)
 - `max-autotune`    torch.compile mode max-autotune (runtime option, compile backend)
 - `trim`            a batch's trailing padding cut before the call (runtime option; models with a mask input
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-static")
 RUNTIME_PASSES = ("cudagraphs", "max-autotune", "trim")
-_PASS = re.compile(r"^(bnfold|channels_last|epilogue|qkv|cudagraphs|max-autotune|trim|(ch)?prune([1-9][0-9]?))$")
+_PASS = re.compile(r"^(bnfold|channels_last|epilogue|qkv|convfuse|cudagraphs|max-autotune|trim|(ch)?prune([1-9][0-9]?))$")
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class Target:
     linear: int = 0
     gelu_ffn: int = 0
     self_attention: int = 0
+    conv_relu: int = 0  # counted on CUDA only (it traces the model): kiln.transforms.convfuse.count
     halves: tuple[str, ...] = ()
     prune: float | None = None
     transformable: bool = True
@@ -79,12 +80,15 @@ class Target:
         return ("bnfold",) if self.batchnorm and self.transformable else ()
 
     @property
-    def fused_gemms(self) -> tuple[str, ...]:
-        """On CUDA, the passes that fuse a transformer's GEMMs where the model has the layers for them: the
-        feed-forward Linear + GELU as one GEMM (epilogue), then Q, K and V as one (qkv)."""
-        if not (self.gelu_ffn and self.cuda and self.transformable):
+    def fused(self) -> tuple[str, ...]:
+        """On CUDA, the passes that fuse kernels where the model has the layers for them: a transformer's
+        feed-forward Linear + GELU as one GEMM (epilogue), then Q, K and V as one (qkv); a CNN's convolution +
+        [residual +] ReLU as one cuDNN call (convfuse)."""
+        if not (self.cuda and self.transformable):
             return ()
-        return ("epilogue", "qkv") if self.self_attention else ("epilogue",)
+        if self.gelu_ffn:
+            return ("epilogue", "qkv") if self.self_attention else ("epilogue",)
+        return ("convfuse",) if self.conv_relu else ()
 
     @property
     def channels_last(self) -> tuple[str, ...]:

@@ -40,8 +40,8 @@ def variants(t: Target) -> list[Recipe]:
         out.append(Recipe(h, (*t.fold, *t.channels_last)))
         if t.cuda:
             out.append(Recipe(h, (*t.fold, *t.channels_last, "cudagraphs")))
-            if t.fused_gemms:
-                out.append(Recipe(h, (*t.fold, *t.channels_last, *t.fused_gemms, "cudagraphs")))
+            if t.fused:
+                out.append(Recipe(h, (*t.fold, *t.channels_last, *t.fused, "cudagraphs")))
     if t.cuda and t.halves:
         out.append(Recipe(t.halves[0], (*t.fold, *t.channels_last, "max-autotune", "cudagraphs")))
     if t.linear:

@@ -57,6 +57,8 @@ def check_recipe(recipe: Recipe, device: str) -> None:
         raise Skip("CUDA graphs need a CUDA device")
     if recipe.has("epilogue") and (not device.startswith("cuda") or recipe.precision not in ("fp16", "bf16")):
         raise Skip("the epilogue pass is a cuBLASLt GEMM epilogue: CUDA, fp16 or bf16")
+    if recipe.has("convfuse") and not device.startswith("cuda"):
+        raise Skip("the convfuse pass is cuDNN's fused convolution: CUDA only")
     if recipe.precision == "int8-static":
         raise Skip("static int8 on the torch side is compiled by AOTInductor (aoti/int8-static)")
 

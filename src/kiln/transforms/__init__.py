@@ -59,6 +59,12 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
         _fused("qkv", replace_layers(out, is_fusable_attention, FusedQKVAttention),
                "self-attention layer with query, key and value projections",
                "self-attention layer(s) with Q, K and V as one GEMM each", notes)
+    if recipe.has("convfuse"):
+        from kiln.transforms import convfuse
+
+        out, n = convfuse.fuse(out)
+        _fused("convfuse", n, "convolution followed by ReLU (directly or after a residual add)",
+               "convolution(s) + bias [+ residual] + ReLU as one cuDNN call each", notes)
     prune = recipe.prune()
     if prune is not None:
         from kiln.transforms import prune as pruning
@@ -82,11 +88,15 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
     return out
 
 
+_APPLIES_TO = {"epilogue": "Hugging Face encoder layers (BERT, RoBERTa, ...)",
+               "qkv": "Hugging Face encoder layers (BERT, RoBERTa, ...)",
+               "convfuse": "CNNs whose Conv2d outputs go straight into a ReLU, or into an add and then a ReLU (ResNets)"}
+
+
 def _fused(name: str, count: int, missing: str, done: str, notes: list[str] | None) -> None:
-    """A fusion pass for Hugging Face encoder layers replaced `count` layers: refuse none, note how many."""
+    """A fusion pass replaced `count` layers: refuse none, note how many."""
     if not count:
-        raise KilnError(f"the {name} pass found no {missing} to fuse",
-                        hint=f"it applies to Hugging Face encoder layers (BERT, RoBERTa, ...); drop +{name}")
+        raise KilnError(f"the {name} pass found no {missing} to fuse", hint=f"it applies to {_APPLIES_TO[name]}; drop +{name}")
     if notes is not None:
         notes.append(f"{name}: {count} {done}")
 

@@ -1,7 +1,8 @@
 """BatchNorm folding: `bn(conv(x))` becomes one conv with adjusted weights and bias (eval-mode statistics).
 
 The pattern is found on the module's FX graph (a BN whose only input is a Conv/Linear output used nowhere
-else); where the model cannot be traced symbolically, adjacent pairs inside nn.Sequential are folded.
+else); where the model cannot be traced symbolically, each child is (a block usually traces), and adjacent pairs
+inside an untraceable nn.Sequential are folded.
 The model's class stays the same: the conv gets the folded parameters and the BN becomes nn.Identity.
 """
 
@@ -19,9 +20,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold in place; returns how many BatchNorm layers were folded."""
-    pairs = _pairs_from_graph(model)
-    if pairs is None:
-        pairs = _pairs_from_sequentials(model)
+    pairs = _pairs(model)
     done = 0
     for prev_name, bn_name in pairs:
         prev, bn = model.get_submodule(prev_name), model.get_submodule(bn_name)
@@ -82,13 +81,18 @@ def _pairs_from_graph(model: nn.Module) -> list[tuple[str, str]] | None:
     return pairs
 
 
-def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
+def _pairs(model: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
+    """(layer, BatchNorm) names to fold: from the FX graph where `model` traces; where it does not, adjacent pairs
+    if it is an nn.Sequential, and each child's own pairs (a block of an untraceable model usually traces)."""
+    pairs = _pairs_from_graph(model)
+    if pairs is not None:
+        return [(prefix + a, prefix + b) for a, b in pairs]
     pairs = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Sequential):
-            children = list(m.named_children())
-            for (a, ma), (b, mb) in zip(children, children[1:]):
-                if isinstance(ma, (*_CONV, nn.Linear)) and isinstance(mb, _BN):
-                    prefix = f"{name}." if name else ""
-                    pairs.append((prefix + a, prefix + b))
+    children = list(model.named_children())
+    if isinstance(model, nn.Sequential):
+        pairs += [(prefix + a, prefix + b) for (a, ma), (b, mb) in zip(children, children[1:])
+                  if isinstance(ma, (*_CONV, nn.Linear)) and isinstance(mb, _BN)]
+    for name, child in children:
+        if any(isinstance(m, _BN) for m in child.modules()):
+            pairs += _pairs(child, f"{prefix}{name}.")
     return pairs
