@@ -48,6 +48,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {
         "source": "resnet50", "inputs": ["image:float32[batch,3,224,224]"], "batch": 256, "dims": {},
         "variants": ["eager/fp32", "eager/fp16+bnfold+channels_last+cudagraphs",
+                     "eager/fp16+bnfold+channels_last+convfuse+cudagraphs",
                      "compile/fp16+bnfold+channels_last+cudagraphs", "compile/fp16+bnfold+channels_last+convfuse+cudagraphs",
                      "compile/bf16+bnfold+channels_last+convfuse+cudagraphs", "tensorrt/fp16"],
         "autotune": "compile/fp16+bnfold+channels_last+max-autotune+cudagraphs",

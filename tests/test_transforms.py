@@ -312,7 +312,8 @@ def test_convfuse_leaves_a_conv_whose_output_is_used_twice_and_refuses_a_model_w
 
 def test_convfuse_fake_op_has_the_real_ops_shape_and_layout() -> None:
     """torch.compile sees the op through its fake: shape and strides must be what the op returns, NCHW and NHWC,
-    with stride, padding and dilation (else Inductor would read the output with wrong strides)."""
+    with stride, padding and dilation (else Inductor would read the output with wrong strides). The layout is the
+    rewrite's `channels_last` flag: a fake that judged it from a traced input's symbolic strides could disagree."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from kiln.transforms.convfuse import conv_relu
@@ -320,26 +321,29 @@ def test_convfuse_fake_op_has_the_real_ops_shape_and_layout() -> None:
     for channels_last in (False, True):
         x, w, b = torch.randn(2, 6, 15, 13), torch.randn(8, 3, 3, 5), torch.randn(8)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
-        args = ([2, 1], [1, 2], [2, 1], 2)
-        real = conv_relu(x, w, b, None, *args)
-        z = torch.randn(real.shape).contiguous(memory_format=fmt)
-        torch.testing.assert_close(conv_relu(x, w, b, z, *args), torch.relu(
-            nn.functional.conv2d(x, w, b, *args) + z))
-        with FakeTensorMode() as mode:
-            fake = conv_relu(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), None, *args)
-        assert fake.shape == real.shape and fake.stride() == real.stride()
-        assert real.is_contiguous(memory_format=fmt)
+        for x_fmt in (torch.contiguous_format, torch.channels_last):  # the flag decides, not the input's layout
+            x, w = x.contiguous(memory_format=x_fmt), w.contiguous(memory_format=x_fmt)
+            args = ([2, 1], [1, 2], [2, 1], 2)
+            real = conv_relu(x, w, b, None, *args, channels_last)
+            z = torch.randn(real.shape).contiguous(memory_format=fmt)
+            torch.testing.assert_close(conv_relu(x, w, b, z, *args, channels_last), torch.relu(
+                nn.functional.conv2d(x, w, b, *args) + z))
+            with FakeTensorMode() as mode:
+                fake = conv_relu(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), None, *args, channels_last)
+            assert fake.shape == real.shape and fake.stride() == real.stride()
+            assert real.is_contiguous(memory_format=fmt)
 
 
 def test_convfuse_is_planned_on_cuda_for_cnns_with_conv_relu() -> None:
     from kiln.backends import compile as compile_backend
+    from kiln.backends import eager as eager_backend
     from kiln.backends.common import Target
     from kiln.plan import make_target
 
     t = make_target(zoo.seeded(TinyResNet), device="cuda:0", low_precision=("fp16",))
     assert t.conv_relu == 1 + 3 * 3 and t.fused == ("convfuse",)
     assert "fp16+bnfold+channels_last+convfuse+cudagraphs" in [r.tag for r in compile_backend.variants(t)]
+    assert "fp16+bnfold+channels_last+convfuse+cudagraphs" in [r.tag for r in eager_backend.variants(t)]
     assert make_target(zoo.seeded(TinyResNet), device="cpu").conv_relu == 0  # not traced for a CPU build
     assert Target(device="cuda:0", conv=3, halves=("fp16",)).fused == ()
     with pytest.raises(Skip, match="CUDA only"):

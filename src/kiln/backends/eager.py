@@ -39,6 +39,8 @@ def variants(t: Target) -> list[Recipe]:
     out += [Recipe(h, (*t.fold, *t.channels_last)) for h in t.halves]
     if t.cuda and t.halves:
         out.append(Recipe(t.halves[0], (*t.fold, *t.channels_last, "cudagraphs")))
+        if t.fused:  # the fused kernels need no compiler: cuDNN's fused convolution, cuBLASLt's GELU epilogue
+            out.append(Recipe(t.halves[0], (*t.fold, *t.channels_last, *t.fused, "cudagraphs")))
     if t.linear:
         out.append(Recipe("int8-dynamic", t.fold))
     return out + t.pruned(*t.fold)

@@ -62,7 +62,7 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
     if recipe.has("convfuse"):
         from kiln.transforms import convfuse
 
-        out, n = convfuse.fuse(out)
+        out, n = convfuse.fuse(out, channels_last=recipe.has("channels_last"))
         _fused("convfuse", n, "convolution followed by ReLU (directly or after a residual add)",
                "convolution(s) + bias [+ residual] + ReLU as one cuDNN call each", notes)
     prune = recipe.prune()

@@ -29,32 +29,29 @@ _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The output's layout follows the input's: NHWC in, NHWC out (what cuDNN picks for a channels_last input)."""
-    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
 @torch.library.custom_op("kiln::conv_relu", mutates_args=())
 def conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
-              stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    """relu(conv2d(x, weight, bias) + z) in one cuDNN call on CUDA (z optional, shaped as the convolution's output)."""
-    fused = x.is_cuda and torch.backends.cudnn.is_available() and (z is None or list(z.shape) == _size(x, weight, stride,
-                                                                                                      padding, dilation))
-    if fused and z is None:
-        y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
-    elif fused and z is not None:
-        y = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, stride, padding, dilation, groups)
+              stride: list[int], padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias) + z) in one cuDNN call on CUDA (z optional, shaped as the convolution's output).
+    The output is NHWC when `channels_last` (fixed when the model is rewritten, so that torch.compile's view of the
+    layout never depends on the shapes it traces), else NCHW."""
+    size = _size(x, weight, stride, padding, dilation)
+    if x.is_cuda and torch.backends.cudnn.is_available() and (z is None or list(z.shape) == size):
+        if z is None:
+            y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+        else:
+            y = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, stride, padding, dilation, groups)
     else:
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         y = torch.relu(y if z is None else y + z)
-    return y.contiguous(memory_format=_memory_format(x))
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @conv_relu.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None, stride: list[int],
-      padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    return x.new_empty(_size(x, weight, stride, padding, dilation)).contiguous(memory_format=_memory_format(x))
+      padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
+    out = x.new_empty(_size(x, weight, stride, padding, dilation))
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _size(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> list:
@@ -62,17 +59,18 @@ def _size(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: lis
                                            // stride[i] + 1 for i in range(2))]
 
 
-def fuse(module: nn.Module) -> tuple[nn.Module, int]:
-    """The model with every fusable convolution [+ residual] + ReLU calling `conv_relu`, and how many there were.
-    Returns `module` itself (untouched) when there is none; a child that is rewritten is replaced in place."""
+def fuse(module: nn.Module, *, channels_last: bool = False) -> tuple[nn.Module, int]:
+    """The model with every fusable convolution [+ residual] + ReLU calling `conv_relu`, and how many there were;
+    `channels_last`: the model will run NHWC (the fused calls return NHWC). Returns `module` itself (untouched) when
+    there is none; a child that is rewritten is replaced in place."""
     gm = _trace(module)
     if gm is not None:
-        n = _rewrite(gm)
+        n = _rewrite(gm, channels_last)
         return (gm, n) if n else (module, 0)
     total = 0
     for name, child in module.named_children():
         if any(isinstance(m, nn.Conv2d) for m in child.modules()):
-            new, n = fuse(child)
+            new, n = fuse(child, channels_last=channels_last)
             if n:
                 setattr(module, name, new)
                 total += n
@@ -139,7 +137,7 @@ def _matches(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Nod
     return out
 
 
-def _rewrite(gm: torch.fx.GraphModule) -> int:
+def _rewrite(gm: torch.fx.GraphModule, channels_last: bool) -> int:
     found = _matches(gm)
     for relu, conv, add in found:
         # the residual as the graph has it now: an earlier rewrite may have replaced it (the previous block's ReLU)
@@ -150,7 +148,7 @@ def _rewrite(gm: torch.fx.GraphModule) -> int:
             weight = gm.graph.get_attr(f"{conv.target}.weight")
             bias = gm.graph.get_attr(f"{conv.target}.bias") if m.bias is not None else None
             fused = gm.graph.call_function(torch.ops.kiln.conv_relu.default, (conv.args[0], weight, bias, z, list(m.stride), list(m.padding),
-                                                       list(m.dilation), m.groups))
+                                                       list(m.dilation), m.groups, channels_last))
         relu.replace_all_uses_with(fused)
         for n in (relu, add, conv):
             if isinstance(n, torch.fx.Node):
