@@ -59,3 +59,16 @@ def test_kinds_add_up_the_kernels_per_run() -> None:
         KernelStat("triton_poi_fused_relu_0", "fused pointwise/reduction (triton)", 20.0, 2),
         KernelStat("sm90_xmma_fprop_implicit_gemm_b", "convolution", 30.0, 1)])
     assert r.kinds() == [("convolution", 80.0), ("fused pointwise/reduction (triton)", 20.0)]
+
+
+def test_profile_takes_the_sequence_length_it_is_given_and_refuses_a_dim_the_model_lacks(
+        built: Callable[[str], kiln.BuildResult]) -> None:
+    """A model with a sequence dim is profiled at the size asked for (the build's --dim-size by default, which the
+    manifest records), so that `kiln profile` shows the shape the model serves, not a synthetic short one."""
+    r = built("Encoder")
+    assert r.manifest["dim_sizes"] == {}
+    p = profile(r.path, variant="eager/fp32", batch=3, steps=2, dim_size={"seq": 40})
+    assert p.shapes == "ids 3x40, mask 3x40"
+    with pytest.raises(kiln.KilnError, match="names len, which no input") as e:
+        profile(r.path, variant="eager/fp32", steps=1, dim_size={"len": 40})
+    assert "ids" in str(e.value.hint)

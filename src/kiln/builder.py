@@ -91,6 +91,7 @@ class BuildResult:
     synthetic: bool = False
     dict_outputs: bool = False
     columns: dict[str, list[str]] = field(default_factory=dict)
+    dim_sizes: dict[str, int] = field(default_factory=dict)  # --dim-size: the other dynamic dims' sizes it was timed at
 
     def candidate(self, variant: str) -> Candidate:
         return next(c for c in self.candidates if c.variant == variant)
@@ -232,7 +233,8 @@ def build(source: str | torch.nn.Module, *, weights: str | Path | None = None,
             runners.clear()
             result = BuildResult(res.name, None, None, sel.selected, objective, candidates,
                                  res.inputs, res.outputs, verify.description, sizes, notes + subject.notes + sel.notes,
-                                 selection=sel.to_dict(), synthetic=not verify.from_user, dict_outputs=res.dict_outputs)
+                                 selection=sel.to_dict(), synthetic=not verify.from_user, dict_outputs=res.dict_outputs,
+                                 dim_sizes=dim_sizes)
             result.preprocess, result.columns = res.preprocess, res.columns
             if sel.selected is not None:
                 write_repository(result, Path(repo), Path(tmp), res.source, budget, device)
@@ -539,6 +541,7 @@ def _manifest(r: BuildResult, src: ModelSource, budget: Budget, device: str) -> 
         "selected": r.selected,
         "objective": r.objective,
         "batch_sizes": r.batch_sizes,
+        "dim_sizes": r.dim_sizes,
         "verification": {"data": r.verification, "synthetic": r.synthetic, "budget": asdict(budget)},
         "selection": r.selection,
         "candidates": [c.to_dict() for c in r.candidates],

@@ -209,7 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     pr.add_argument("--steps", type=int, default=20, help="profiled runs after warm-up (default: 20)")
     pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    pr.add_argument("--top", type=int, default=15, help="operators to list (default: 15)")
+    pr.add_argument("--dim-size", action="append", default=[], metavar="DIM=N",
+                    help="size of another dynamic dim, e.g. seq=128 (default: the size the model was built at)")
+    pr.add_argument("--top", type=int, default=15, help="operators (and, on CUDA, kernels) to list (default: 15)")
     pr.add_argument("--trace", metavar="FILE", help="write a Chrome trace (chrome://tracing, ui.perfetto.dev)")
     pr.add_argument("--memory", action="store_true", help="print a peak-memory timeline")
 
@@ -542,14 +544,14 @@ def _profile(args: argparse.Namespace) -> int:
     from kiln.profile import profile
 
     result = profile(args.path, variant=args.variant, batch=args.batch, steps=args.steps, device=args.device,
-                     trace=args.trace, memory=args.memory)
+                     trace=args.trace, memory=args.memory, dim_size=_dim_sizes(args.dim_size))
     from kiln.table import Grid, show
 
     console = _console()
     if result.run_us is not None:
         _kernel_tables(console, result, result.run_us, args)
-    console.print(f"{result.variant} at batch {args.batch}: top operators by {'CPU ' if result.run_us else ''}self time "
-                  f"over {args.steps} runs ({result.profiler})", highlight=False)
+    console.print(f"{result.variant} at batch {args.batch} ({result.shapes}): top operators by "
+                  f"{'CPU ' if result.run_us else ''}self time over {args.steps} runs ({result.profiler})", highlight=False)
     t = Grid(None, ["operator", "self ms", "self %", "calls"])
     total = sum(o.self_ms for o in result.ops) or 1.0
     for o in result.ops[: args.top]:
@@ -567,7 +569,7 @@ def _kernel_tables(console: Console, result: ProfileResult, run_us: float, args:
     from kiln.table import Grid, show
 
     gpu_us = sum(k.us for k in result.kernels)
-    console.print(f"{result.variant} at batch {args.batch} on {args.device}: {run_us:,.0f} us per run "
+    console.print(f"{result.variant} at batch {args.batch} ({result.shapes}) on {args.device}: {run_us:,.0f} us per run "
                   f"(median, synchronized), {gpu_us:,.0f} us of it in GPU kernels ({gpu_us / run_us:.0%} busy)",
                   highlight=False)
     t = Grid(None, ["kernel kind", "us per run", "share"])

@@ -12,14 +12,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kiln import repository
 from kiln.bench.memory import PeakMemory
 from kiln.data import batch_dim
 from kiln.errors import KilnError
-from kiln.signature import example_inputs
-from kiln.spec import TensorSpec
+from kiln.spec import TensorSpec, example_sizes, synthetic, to_tensor
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
@@ -49,6 +49,7 @@ class ProfileResult:
     peak_mb: float
     kernels: list[KernelStat] = field(default_factory=list)  # CUDA only, by GPU time
     run_us: float | None = None  # CUDA only: median wall time of one synchronized run, outside the profiler
+    shapes: str = ""  # the inputs profiled, e.g. "ids 64x128, mask 64x128"
 
     def kinds(self) -> list[tuple[str, float]]:
         """GPU time per run by kernel kind, largest first."""
@@ -84,9 +85,11 @@ def kernel_kind(name: str) -> str:
 
 
 def profile(path: str | Path, *, variant: str | None = None, batch: int = 1, steps: int = 20, device: str = "cpu",
-            trace: str | Path | None = None, memory: bool = False) -> ProfileResult:
-    """Profile `steps` runs of one variant at `batch`. On CUDA the result also has the GPU's kernels, one by one
-    (`kernels`, `kinds()`), and the wall time of one run (`run_us`).
+            trace: str | Path | None = None, memory: bool = False, dim_size: dict[str, int] | None = None,
+            ) -> ProfileResult:
+    """Profile `steps` runs of one variant at `batch`. The other dynamic dims (a sequence length) have the sizes the
+    model was built and timed at (`kiln build --dim-size`), or `dim_size`'s. On CUDA the result also has the GPU's
+    kernels, one by one (`kernels`, `kinds()`), and the wall time of one run (`run_us`).
 
     >>> profile("models/digits", batch=32, trace="trace.json").ops[:3]
     """
@@ -95,18 +98,26 @@ def profile(path: str | Path, *, variant: str | None = None, batch: int = 1, ste
     version_dir, m = repository.resolve(path)
     entry = repository.candidate(m, variant)
     inputs = [TensorSpec.from_dict(s) for s in m["inputs"]]
-    xs = _inputs(inputs, batch)
+    sizes = {**m.get("dim_sizes", {}), **(dim_size or {})}
+    unknown = sorted(set(sizes) - {d for spec in inputs for d in spec.dynamic_dims.values()})
+    if unknown:
+        raise KilnError(f"--dim-size names {', '.join(unknown)}, which no input of this model has",
+                        hint="name a dynamic dim of an input: " + ", ".join(f"{spec.name}{spec.shape}" for spec in inputs))
+    xs = _inputs(inputs, batch, sizes)
+    shapes = ", ".join(f"{spec.name} {'x'.join(map(str, x.shape))}" for spec, x in zip(inputs, xs))
     if entry["backend"] == "onnxruntime":
         ops, trace_path, mem = _profile_ort(version_dir, entry, inputs, xs, steps, device, trace)
         return ProfileResult(entry["variant"], "onnxruntime profiler", ops, trace_path, _timeline(mem) if memory else None,
-                             mem.peak_mb)
+                             mem.peak_mb, shapes=shapes)
     ops, trace_path, mem, kernels, run_us = _profile_torch(version_dir, entry, xs, steps, device, trace, memory)
     return ProfileResult(entry["variant"], "torch.profiler", ops, trace_path, _timeline(mem) if memory else None,
-                         mem.peak_mb, kernels, run_us)
+                         mem.peak_mb, kernels, run_us, shapes)
 
 
-def _inputs(inputs: list[TensorSpec], batch: int) -> list[torch.Tensor]:
-    xs = example_inputs(inputs, seed=3)
+def _inputs(inputs: list[TensorSpec], batch: int, dim_sizes: dict[str, int]) -> list[torch.Tensor]:
+    sizes = {**example_sizes(inputs), **dim_sizes}
+    rng = np.random.default_rng(3)
+    xs = [to_tensor(synthetic(s, sizes, rng), s) for s in inputs]
     if batch_dim(inputs) is None:
         return xs
     return [x[:1].repeat(batch, *[1] * (x.dim() - 1)).contiguous() for x in xs]
