@@ -39,6 +39,7 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from kiln.profile import kernel_kind
 from kiln.transforms import replace_layers
 from kiln.transforms.qkv import FusedQKVAttention, is_fusable_attention
 
@@ -386,10 +387,7 @@ def profile_table(bf16: Any, ids: torch.Tensor, ones: torch.Tensor) -> None:
         us = e.device_time_total / 10  # per batch
         if us <= 0:
             continue
-        k = e.key.lower()
-        kind = ("GEMM" if any(w in k for w in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm_"))
-                else "attention" if any(w in k for w in ("attention", "fmha", "flash", "sdpa"))
-                else "fused pointwise/norm (triton)" if k.startswith("triton_") else "other")
+        kind = kernel_kind(e.key)
         groups[kind] = groups.get(kind, 0.0) + us
         top.append((us, kind, e.key[:70], e.count // 10))
     total = sum(groups.values())
