@@ -52,21 +52,6 @@ BATCH = 256
 CONV_FLOP = 2 * 4.09e9  # ResNet-50 at 224x224: 4.09 GMACs per image, nearly all in convolutions
 
 
-def timed(f: Callable[[], Any], calls: int = 10, rounds: int = 20) -> float:
-    """Seconds per call, back to back: median of `rounds` rounds of `calls` calls, one synchronize per round."""
-    for _ in range(5):
-        f()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            f()
-        torch.cuda.synchronize()
-        per.append((time.perf_counter() - t0) / calls)
-    return statistics.median(per)
-
-
 def p50_ms(f: Callable[[], Any], n: int = 200) -> float:
     for _ in range(10):
         f()
@@ -177,6 +162,7 @@ def graphed(fn: Callable[[torch.Tensor], torch.Tensor], shapes: tuple[torch.Tens
 def one(lever: str) -> dict[str, Any]:
     """Build and time one lever in this process."""
     import torch._inductor.config as inductor
+    from gpu_levers import timed  # seconds per call back to back: median of 20 rounds of 10 calls
     from gpu_models import resnet50
 
     from kiln.profile import kernel_kind
