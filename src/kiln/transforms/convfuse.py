@@ -9,6 +9,9 @@ traced symbolically, its children are traced one by one. The rewritten model is 
 same layers; the op is a custom op (`kiln::conv_relu`), so torch.compile calls it as one kernel rather than
 splitting it back into a convolution and a Triton kernel. Off CUDA (or without cuDNN) the op runs the plain
 convolution, add and ReLU, so the rewritten model runs anywhere and is verified like every other variant.
+The rewritten model runs its FX graph, and FX traces `a += b` as `a + b`: a model that relies on an in-place add
+changing another name for the same tensor computes something else as a graph, and the build's verification
+against the fp32 model rejects that variant (torchvision's `out += identity` has no such alias).
 
 Measured on an H100 (`python3 bench/gpu_resnet_levers.py --lever ref,fused`): ResNet-50 fp16, channels_last,
 BatchNorm folded, torch.compile with CUDA graphs, batch 256: 24,327 -> 33,061 img/s, 0.689 -> 0.481 ms at batch 1,
