@@ -11,13 +11,11 @@ inside, fp32 out) compiled by hand with torch.compile(mode="reduce-overhead"), w
               only the first 10 its heuristics rank
     1x1       inductor's conv_1x1_as_mm: 1x1 convolutions (two thirds of ResNet-50's) as cuBLAS GEMMs
     fused     cuDNN's fused convolution + bias + ReLU, and convolution + bias + residual add + ReLU at the end of a
-              block (torch.cudnn_convolution_relu / _add_relu, as custom ops so Inductor calls them), instead of a
-              convolution and a Triton kernel that reads its output back
+              block, through kiln's convfuse pass (kiln.transforms.convfuse: torch.cudnn_convolution_relu / _add_relu
+              behind a custom op, so Inductor calls them whole), instead of a convolution and a Triton kernel that
+              reads its output back
     freezing  inductor's freezing (weights as constants, folded and laid out at compile time)
-    fused-dynamic  kiln's convfuse pass (kiln.transforms.convfuse) compiled with dynamic=True (every dim symbolic),
-              one CUDA graph per batch size on top. It measured 5,252 img/s: Inductor copies the fused calls'
-              inputs between layouts (39 ms of copies per batch). kiln compiles with only the batch dim dynamic
-              (dynamo's automatic dynamic shapes), and its compile/...+convfuse variant makes 32,692 (bench/gpu.py)
+    fused-dynamic  the same, compiled with dynamic=True (every dim symbolic), one CUDA graph per batch size on top
     eager     the same module without torch.compile, in one CUDA graph (what kiln's eager/...+cudagraphs runs)
 
 Each lever runs in a process of its own (cuDNN caches its algorithm choice per process, so `limit` would leak), and
@@ -75,65 +73,6 @@ def kernels(f: Callable[[], Any], calls: int = 10) -> list[tuple[str, float, flo
     return sorted(rows, key=lambda r: -r[1])
 
 
-def fused_blocks(model: Any) -> int:
-    """Replace torchvision's Bottleneck forward (BatchNorm already folded into the convolutions) by cuDNN's fused
-    convolution + bias + ReLU and convolution + bias + add + ReLU; the stem's conv + ReLU too. Returns blocks fused."""
-    import torchvision
-
-    def out_shape(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int]) -> list[int]:
-        return [x.shape[0], w.shape[0], (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1,
-                (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1]
-
-    @torch.library.custom_op("kilnlever::conv_relu", mutates_args=())
-    def conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: list[int], padding: list[int]) -> torch.Tensor:
-        return torch.cudnn_convolution_relu(x, w, b, stride, padding, [1, 1], 1)
-
-    @conv_relu.register_fake
-    def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: list[int], padding: list[int]) -> torch.Tensor:
-        return x.new_empty(out_shape(x, w, stride, padding)).contiguous(memory_format=torch.channels_last)
-
-    @torch.library.custom_op("kilnlever::conv_add_relu", mutates_args=())
-    def conv_add_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor, stride: list[int],
-                      padding: list[int]) -> torch.Tensor:
-        return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, [1, 1], 1)
-
-    @conv_add_relu.register_fake
-    def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor, stride: list[int],
-          padding: list[int]) -> torch.Tensor:
-        return x.new_empty(out_shape(x, w, stride, padding)).contiguous(memory_format=torch.channels_last)
-
-    def cr(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        return conv_relu(x, conv.weight, conv.bias, list(conv.stride), list(conv.padding))
-
-    class Block(torch.nn.Module):
-        def __init__(self, b: Any) -> None:
-            super().__init__()
-            self.conv1, self.conv2, self.conv3, self.downsample = b.conv1, b.conv2, b.conv3, b.downsample
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            identity = x if self.downsample is None else self.downsample(x)
-            out = cr(self.conv2, cr(self.conv1, x))
-            c = self.conv3
-            return conv_add_relu(out, c.weight, c.bias, identity, list(c.stride), list(c.padding))
-
-    class Stem(torch.nn.Module):
-        def __init__(self, conv: torch.nn.Conv2d) -> None:
-            super().__init__()
-            self.conv = conv
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return cr(self.conv, x)
-
-    count = 0
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for i, b in enumerate(layer):
-            if isinstance(b, torchvision.models.resnet.Bottleneck):
-                layer[i] = Block(b)
-                count += 1
-    model.conv1, model.bn1, model.relu = Stem(model.conv1), torch.nn.Identity(), torch.nn.Identity()
-    return count
-
-
 def graphed(fn: Callable[[torch.Tensor], torch.Tensor], shapes: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
     """`fn` replayed from one CUDA graph per batch size (captured after three warm-up calls on a side stream)."""
     graphs = {}
@@ -186,12 +125,10 @@ def one(lever: str) -> dict[str, Any]:
         inductor.conv_1x1_as_mm = True
     elif lever == "freezing":
         inductor.freezing = True
-    elif lever == "fused":
-        notes = f"{fused_blocks(model.inner)} blocks fused"
-    elif lever == "fused-dynamic":
+    elif lever in ("fused", "fused-dynamic"):
         from kiln.transforms import convfuse
 
-        model.inner, n = convfuse.fuse(model.inner)
+        model.inner, n = convfuse.fuse(model.inner, channels_last=True)
         notes = f"kiln's convfuse pass: {n} fused"
     t0 = time.perf_counter()
     with torch.inference_mode():

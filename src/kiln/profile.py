@@ -19,6 +19,7 @@ from kiln import repository
 from kiln.bench.memory import PeakMemory
 from kiln.data import batch_dim
 from kiln.errors import KilnError
+from kiln.runner import Runner
 from kiln.spec import TensorSpec, example_sizes, synthetic, to_tensor
 
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -158,12 +159,12 @@ def _profile_torch(version_dir: Path, entry: dict, xs: list[torch.Tensor], steps
     return ops, out, mem, kernels, run_us
 
 
-def _run_us(runner: object, xs: list[torch.Tensor], steps: int) -> float:
+def _run_us(runner: Runner, xs: list[torch.Tensor], steps: int) -> float:
     """Median wall time of one run, synchronized, outside the profiler (the kernels' share of it is the GPU's busy time)."""
     samples = []
     for _ in range(max(steps, 10)):
         t0 = time.perf_counter()
-        runner.run(xs)  # type: ignore[attr-defined]
+        runner.run(xs)
         torch.cuda.synchronize()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
