@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kiln.errors import KilnError
@@ -16,10 +17,15 @@ def require_ray() -> Any:
 
 
 def init(address: str | None) -> None:
-    """Connect to the cluster at `address`, or start a local Ray bound to loopback (it serves this machine only)."""
+    """Connect to the cluster at `address` (or at $RAY_ADDRESS), or start a local Ray of its own bound to loopback
+    (it serves this machine only). Without an address Ray itself would join whatever cluster `ray start` left
+    running on this machine, and `kiln serve --ray` would deploy onto another user's Serve application (its route
+    "/" taken: seen when two test runs shared a machine); "local" starts a new one."""
     ray = require_ray()
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
+        address = "local"
         options["_node_ip_address"] = "127.0.0.1"
     try:
         ray.init(address=address, **options)
