@@ -56,12 +56,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/python -m mypy
 
-# The suite, then the optional runtimes' tests (OpenVINO, ExecuTorch, TVM tuning, ONNX import, MindSpore when
-# KILN_MINDSPORE_PYTHON names a python with it), a minute or two more. On 2 cores the suite takes 9-10 minutes with a
-# warm Inductor cache and 13-14 on a fresh machine (AOTInductor and torch.compile builds): over the 10 we aim at.
+# The whole suite, the optional runtimes' tests included (OpenVINO, ExecuTorch, TVM tuning, ONNX import, MindSpore
+# when KILN_MINDSPORE_PYTHON names a python with it), on two pytest-xdist workers: each file's tests in one worker,
+# every Ray test in the same one (tests/conftest.py). `make test-runtimes` runs the runtimes' tests alone.
 test: $(STAMP) browser perf-analyzer lint
-	$(BIN)/python -m pytest -q -m "not runtimes"
-	$(MAKE) --no-print-directory test-runtimes
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-runtimes: $(STAMP)
 	$(BIN)/python -m pytest -q -m runtimes

@@ -23,6 +23,18 @@ os.environ.setdefault("KILN_ORT_THREADS", "1")  # two cores, and pytest is not a
 os.environ.setdefault("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the groups into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs the suite on two pytest-xdist workers (--dist loadgroup): each file's tests go to one
+    worker, so a module's fixtures are made once, and every test that starts Ray goes to the same one, in order
+    (the cluster test's `ray start` cluster must be gone before another test starts a Ray of its own)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        ray = "on_ray" in item.path.parts or item.name.startswith("test_ray_")
+        item.add_marker(pytest.mark.xdist_group("ray" if ray else str(item.path)))
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("weights")
