@@ -89,6 +89,47 @@ def test_runner_moves_host_inputs_and_returns_host_outputs() -> None:
         assert fn([x.cuda()])[0].device.type == "cuda"  # device in, device out
 
 
+def test_instances_sharing_a_gpu_each_run_on_a_stream_of_their_own(weights_dir: Path, tmp_path: Path) -> None:
+    """`instances = 2` on one GPU: each runner runs on a CUDA stream of its own, so their batches overlap
+    (bench/gpu_streams.py), and both answer right when called at once from two threads; one instance keeps the
+    thread's stream (it has nothing to overlap with)."""
+    import threading
+
+    from kiln import repository
+    from kiln.server.config import ModelConfig
+    from kiln.server.model import ServedModel
+
+    variant = "eager/fp16+bnfold+channels_last+cudagraphs"
+    r = kiln.build(f"{ZOO}:ConvBN", weights=weights_dir / "ConvBN.safetensors", inputs=zoo.SPECS["ConvBN"],
+                   repo=tmp_path, device="cuda", batch=(1, 8), variants=["eager/fp32", variant])
+    vdir, manifest = repository.resolve(r.path)
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    ref = kiln.load(r.path, variant="eager/fp32")(x)  # type: ignore[arg-type]
+    one = ServedModel("m", vdir, manifest, ModelConfig(devices=["cuda"], variant=variant))
+    one.load()
+    assert len(one.runners) == 1 and not one._streams
+    two = ServedModel("m", vdir, manifest, ModelConfig(devices=["cuda"], variant=variant, instances=2, max_batch_size=8))
+    two.load()
+    streams = [two._streams[id(runner)] for runner in two.runners]
+    assert len({s.stream_id for s in streams}) == 2 and torch.cuda.current_stream().stream_id not in {s.stream_id for s in streams}
+    outs: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def serve(runner: object) -> None:
+        try:
+            for _ in range(20):
+                outs.append(two._execute(runner, [[x]])[0][0][0])  # type: ignore[arg-type]
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(runner,)) for runner in two.runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(outs) == 40 and all(np.corrcoef(o.ravel(), ref.ravel())[0, 1] > 0.999 for o in outs)
+
 
 def test_served_batches_are_merged_straight_into_pinned_memory() -> None:
     from kiln.server.model import _merge
