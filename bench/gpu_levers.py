@@ -9,6 +9,8 @@
     python3 bench/gpu_levers.py --lever gelu     # the FFN's GELU in the GEMM's epilogue (cuBLASLt, tanh GELU)
     python3 bench/gpu_levers.py --lever qkv      # on top of gelu: Q, K and V as one GEMM (kiln's qkv pass), against
                                                  # Inductor's freezing (alone and with its batch_linear_lhs fusion)
+    python3 bench/gpu_levers.py --lever sdpa     # SDPA alone at BERT's shape, by backend and mask form; then kiln's
+                                                 # qkv + epilogue model with its mask, without it, and cuDNN first
 
 Each row is BERT-base in bf16 under torch.compile(mode="reduce-overhead"), as kiln's compile/bf16+cudagraphs
 variant runs it: seq/s (median of 20 timed rounds of 10 calls), the attention kernels the profiler saw (mask
@@ -24,6 +26,7 @@ model cut to the batch's longest sentence (what kiln's +trim does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import itertools
@@ -67,11 +70,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile,"
-                                                   "gelu,dynamic,qkv,kiln")
+                                                   "gelu,dynamic,qkv,sdpa,kiln")
     p.add_argument("--kiln-all", action="store_true",
                    help="--lever kiln: build every BERT variant bench/gpu.py builds first, as it does, then load one")
     args = p.parse_args()
-    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "qkv", "kiln"} if args.lever == "all" else set(args.lever.split(","))
+    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "qkv", "sdpa", "kiln"} if args.lever == "all" else set(args.lever.split(","))
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -84,10 +87,10 @@ def main() -> int:
     rows: list[tuple[str, float, float, str]] = []
 
     def run(label: str, model: torch.nn.Module, mask: torch.Tensor | None, dynamic: bool | None = None,
-            inductor: dict[str, Any] | None = None) -> None:
+            inductor: dict[str, Any] | None = None, context: Any = None) -> None:
         torch._dynamo.reset()
         f = torch.compile(model, mode="reduce-overhead", dynamic=dynamic)
-        with torch.inference_mode(), torch._inductor.config.patch(inductor or {}):
+        with torch.inference_mode(), torch._inductor.config.patch(inductor or {}), context or contextlib.nullcontext():
             call = lambda: f(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
             out = call().clone()
             s = timed(call)
@@ -132,6 +135,19 @@ def main() -> int:
             inductor={"freezing": True, "pre_grad_fusion_options": {"batch_linear_lhs": {}}})
         replace_layers(m, is_fusable_attention, FusedQKVAttention)  # kiln's qkv pass, as the build applies it
         run("bf16, GELU epilogue + fused QKV GEMM", m, ones)
+    if "sdpa" in levers:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa_table()
+        m = copy.deepcopy(bf16)
+        for layer in m.encoder.layer:
+            layer.intermediate.forward = functools.partial(_linear_gelu_of, layer.intermediate.dense)
+        replace_layers(m, is_fusable_attention, FusedQKVAttention)
+        run("qkv + epilogue, all-ones mask (kiln)", m, ones)
+        run("qkv + epilogue, mask None", m, None)
+        first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        run("qkv + epilogue, mask None, cuDNN first", m, None, context=sdpa_kernel(first, set_priority=True))
+        run("qkv + epilogue, all-ones mask, cuDNN first", m, ones, context=sdpa_kernel(first, set_priority=True))
     if "packed" in levers:
         rows += packed_rows(fp32, bf16, ids, ref)
     if "autotune" in levers:
@@ -281,6 +297,54 @@ def autotune_rows(bf16: Any, ids: torch.Tensor, ones: torch.Tensor, ref: torch.T
         rows.append((f"max-autotune GEMMs only, {attempt}", 64 / s, cosine(out, ref), f"compile {compile_s:.0f} s"))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     return rows
+
+
+def sdpa_table() -> None:
+    """SDPA alone at BERT-base's shape (64 x 12 heads x 128 x 64, bf16, q/k/v as views of one QKV GEMM's output, as
+    the qkv pass makes them): microseconds per call (median of 5 rounds of 200 calls) by backend and mask form."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, s, d = 64, 12, 128, 64
+    qkv = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    keep = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    masks: dict[str, torch.Tensor | None] = {
+        "none": None,
+        "bool [B,1,1,S]": keep[:, None, None, :],
+        "bool [B,1,S,S] (HF's)": keep[:, None, None, :].expand(b, 1, s, s).contiguous(),
+        "bf16 additive [B,1,1,S]": torch.zeros(b, 1, 1, s, device="cuda", dtype=torch.bfloat16),
+        "bf16 additive [B,1,S,S]": torch.zeros(b, 1, s, s, device="cuda", dtype=torch.bfloat16),
+    }
+    backends = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    print(f"\nSDPA alone, {b} x {h} heads x {s} x {d}, bf16, {torch.cuda.get_device_name(0)}: us per call (FLOP rate)")
+    print(f"{'mask':26}" + "".join(f"{n:>20}" for n in backends))
+    flop = 4 * b * h * s * s * d
+    for mname, mask in masks.items():
+        cells = []
+        for backend in backends.values():
+            try:
+                with sdpa_kernel([backend]), torch.inference_mode():
+                    call = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v, attn_mask=mask)
+                    out = call()
+                    err = float((out.float() - ref).abs().max())
+                    for _ in range(10):
+                        call()
+                    per = []
+                    for _ in range(5):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        for _ in range(200):
+                            call()
+                        end.record()
+                        torch.cuda.synchronize()
+                        per.append(start.elapsed_time(end) * 1000 / 200)
+                us = statistics.median(per)
+                cells.append(f"{us:7.1f} ({flop / us / 1e6:4.0f} TF)" + ("" if err < 0.05 else f" err {err:.2f}"))
+            except RuntimeError as e:
+                cells.append("n/a: " + str(e).split("\n")[0][:14])
+        print(f"{mname:26}" + "".join(f"{c:>20}" for c in cells), flush=True)
 
 
 def kernel_us(call: Callable[[], Any], calls: int = 10) -> tuple[float, list[tuple[float, str]]]:
