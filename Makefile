@@ -56,11 +56,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/python -m mypy
 
-# The whole suite, the optional runtimes' tests included (OpenVINO, ExecuTorch, TVM tuning, ONNX import, MindSpore
-# when KILN_MINDSPORE_PYTHON names a python with it), on two pytest-xdist workers: each file's tests in one worker,
-# every Ray test in the same one (tests/conftest.py). `make test-runtimes` runs the runtimes' tests alone.
+# The suite on two pytest-xdist workers (each file's tests in one worker, every Ray test in the same one:
+# tests/conftest.py), then the optional runtimes' tests (OpenVINO, ExecuTorch, TVM tuning, ONNX import, MindSpore when
+# KILN_MINDSPORE_PYTHON names a python with it) in a process of their own: ExecuTorch's runtime crashed (SIGSEGV) in
+# a process that had run the rest of the suite first, and passes alone.
 test: $(STAMP) browser perf-analyzer lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not runtimes"
+	$(MAKE) --no-print-directory test-runtimes
 
 test-runtimes: $(STAMP)
 	$(BIN)/python -m pytest -q -m runtimes
