@@ -155,6 +155,42 @@ def test_workers_answer_as_one_server_and_survive_a_crash(serve_repo: Path) -> N
     assert "Traceback" not in err, err[-3000:]
 
 
+def test_a_supervisor_killed_outright_takes_its_workers_and_engines_with_it(serve_repo: Path) -> None:
+    """SIGKILL gives the supervisor no chance to stop anything: the kernel sends each worker and engine SIGTERM
+    (PR_SET_PDEATHSIG), so none is left behind holding the gRPC port, its shared memory or a GPU."""
+    port, gport = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(serve_repo), "--port", str(port), "--workers", "2",
+                             "--models", "digits", "--grace-s", "2", "--grpc-port", str(gport), "--device", "cpu",
+                             "--worker-devices", "engine"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        wait_ready(url, proc)
+        children = _children(proc.pid)
+        assert len(children) == 3  # an engine, two workers
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in children):
+            assert time.monotonic() < deadline, [(pid, _state(pid)) for pid in children]
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in children:  # what a failure above left behind
+            if _state(pid) not in ("gone", "Z (zombie)"):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    """The process's state as /proc says it ("R (running)", "Z (zombie)", ...), or "gone"."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("State:"))
+    except (FileNotFoundError, StopIteration):
+        return "gone"
+
+
 def test_engines_run_the_models_and_the_workers_hand_them_batches(serve_repo: Path) -> None:
     """--worker-devices engine: one engine process per device holds the model, the workers hold none; answers are
     the model's own, through shared memory, and an engine that dies is restarted without the workers noticing

@@ -46,7 +46,7 @@ from kiln import repository
 from kiln.errors import KilnError
 from kiln.server.batcher import Closed, Expired, QueueFull
 from kiln.server.config import ModelConfig
-from kiln.server.model import ServedModel, name_thread, split_rows
+from kiln.server.model import ServedModel, die_with_parent, name_thread, split_rows
 
 ENV = "KILN_SERVE_ENGINE"  # the engine's settings, as JSON
 _HEAD = struct.Struct("<II")  # header length, data length
@@ -316,6 +316,7 @@ async def _engine(doc: dict[str, Any], sock: socket.socket) -> int:
 
 def engine_main() -> int:
     doc = json.loads(os.environ.pop(ENV))
+    die_with_parent(doc["parent"])
     if doc.get("threads"):
         import torch
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +37,21 @@ def name_thread(name: str) -> None:
         libc.prctl(15, name.encode()[:15] + b"\0", 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel send this process SIGTERM when `parent` (the supervisor that started it) dies, so
+    that a supervisor killed with SIGKILL leaves no worker or engine behind holding a port or a GPU; if it died
+    before this call, stop now. (The signal follows the thread that spawned the process: kiln.server.workers spawns
+    and restarts from the supervisor's main thread.) Elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass

@@ -45,7 +45,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.server import engine
-from kiln.server.model import name_thread
+from kiln.server.model import die_with_parent, name_thread
 from kiln.server.peers import Peers, socket_path
 from kiln.server.run import BACKLOG, EXIT_MARGIN_S, Settings, serve
 
@@ -187,13 +187,13 @@ def supervise(settings: Settings, count: int, *, on_listening: object = None) ->
     def spawn(i: int) -> subprocess.Popen[bytes]:
         with contextlib.nullcontext(socks[i]) if reuseport else dealer.channel(i) as sock:
             doc = {"settings": asdict(settings), "index": i, "count": count, "fd": sock.fileno(), "rundir": str(rundir),
-                   "listening": reuseport}
+                   "listening": reuseport, "parent": os.getpid()}
             return subprocess.Popen([sys.executable, "-m", "kiln.server.workers"],
                                     env={**WORKER_ENV, **os.environ, ENV: json.dumps(doc)}, pass_fds=[sock.fileno()])
 
     def spawn_engine(i: int) -> subprocess.Popen[bytes]:
         doc = {"device": devices[i], "fd": esocks[i].fileno(), "slots": str(slots), "grace_s": settings.grace_s,
-               "threads": share_of_cores(len(devices))}
+               "threads": share_of_cores(len(devices)), "parent": os.getpid()}
         return subprocess.Popen([sys.executable, "-m", "kiln.server.engine"],
                                 env={**WORKER_ENV, **os.environ, engine.ENV: json.dumps(doc)}, pass_fds=[esocks[i].fileno()])
 
@@ -287,6 +287,7 @@ def worker_main() -> int:
     """A worker: the settings from the environment, its end of the Dealer's pair (the connections it is handed), a
     Unix socket for the other workers."""
     doc = json.loads(os.environ.pop(ENV))
+    die_with_parent(doc["parent"])
     name_thread(f"worker-{doc['index']}")  # its event loop
     settings = Settings(**{**doc["settings"], "worker": (doc["index"], doc["count"])})
     sock = socket.socket(fileno=doc["fd"])  # a listening socket of its own (KILN_REUSEPORT=1) or the Dealer's pair
