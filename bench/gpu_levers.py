@@ -11,6 +11,8 @@
                                                  # Inductor's freezing (alone and with its batch_linear_lhs fusion)
     python3 bench/gpu_levers.py --lever sdpa     # SDPA alone at BERT's shape, by backend and mask form; then kiln's
                                                  # qkv + epilogue model with its mask, without it, and cuDNN first
+    python3 bench/gpu_levers.py --lever keymask  # kiln's qkv + epilogue model with the encoder's [B,1,S,S] mask cut to
+                                                 # its first query row [B,1,1,S] (a padding mask's rows are all alike)
 
 Each row is BERT-base in bf16 under torch.compile(mode="reduce-overhead"), as kiln's compile/bf16+cudagraphs
 variant runs it: seq/s (median of 20 timed rounds of 10 calls), the attention kernels the profiler saw (mask
@@ -70,11 +72,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", default="all", help="all, or a comma-separated subset of mask,fp8,packed,autotune,profile,"
-                                                   "gelu,dynamic,qkv,sdpa,kiln")
+                                                   "gelu,dynamic,qkv,sdpa,keymask,kiln")
+    p.add_argument("--skip-reference", action="store_true",
+                   help="leave out the plain bf16 row (the table's first row is then the reference)")
     p.add_argument("--kiln-all", action="store_true",
                    help="--lever kiln: build every BERT variant bench/gpu.py builds first, as it does, then load one")
     args = p.parse_args()
-    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "qkv", "sdpa", "kiln"} if args.lever == "all" else set(args.lever.split(","))
+    levers = {"mask", "fp8", "packed", "autotune", "profile", "gelu", "dynamic", "qkv", "sdpa", "keymask", "kiln"} if args.lever == "all" else set(args.lever.split(","))
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -105,7 +109,8 @@ def main() -> int:
         rows.append((label, 64 / s, cosine(out, ref), ", ".join(kernels) or "-"))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
 
-    run("bf16, all-ones mask", bf16, ones)
+    if not args.skip_reference:
+        run("bf16, all-ones mask", bf16, ones)
     if "mask" in levers:
         run("bf16, mask dropped (None)", bf16, None)
     if "fp8" in levers:
@@ -148,6 +153,15 @@ def main() -> int:
         first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         run("qkv + epilogue, mask None, cuDNN first", m, None, context=sdpa_kernel(first, set_priority=True))
         run("qkv + epilogue, all-ones mask, cuDNN first", m, ones, context=sdpa_kernel(first, set_priority=True))
+    if "keymask" in levers:  # SDPA alone with each mask form: bench/gpu_attention.py
+        for label, cls in (("qkv + epilogue, the encoder's mask (kiln)", FusedQKVAttention),
+                           ("qkv + epilogue, mask cut to [B,1,1,S], boolean", KeyMaskAttention),
+                           ("qkv + epilogue, mask cut to [B,1,1,S], additive", AdditiveKeyMaskAttention)):
+            m = copy.deepcopy(bf16)
+            for layer in m.encoder.layer:
+                layer.intermediate.forward = functools.partial(_linear_gelu_of, layer.intermediate.dense)
+            replace_layers(m, is_fusable_attention, cls)
+            run(label, m, ones)
     if "packed" in levers:
         rows += packed_rows(fp32, bf16, ids, ref)
     if "autotune" in levers:
@@ -345,6 +359,30 @@ def sdpa_table() -> None:
             except RuntimeError as e:
                 cells.append("n/a: " + str(e).split("\n")[0][:14])
         print(f"{mname:26}" + "".join(f"{c:>20}" for c in cells), flush=True)
+
+
+class KeyMaskAttention(FusedQKVAttention):
+    """kiln's qkv layer given only the first query row of the encoder's mask, [B,1,1,S] for [B,1,S,S]: the same
+    attention where every row of the mask is alike (a padding mask built from a [B,S] attention_mask), and a
+    smaller mask for SDPA's kernels to read."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self.cut(attention_mask[:, :, :1, :], hidden_states.dtype)
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+    def cut(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return mask
+
+
+class AdditiveKeyMaskAttention(KeyMaskAttention):
+    """The same, the boolean mask turned into an additive one in the model's dtype (0 or -inf)."""
+
+    def cut(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if mask.dtype != torch.bool:
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def kernel_us(call: Callable[[], Any], calls: int = 10) -> tuple[float, list[tuple[float, str]]]:
