@@ -18,12 +18,13 @@ The model-level numbers are `bench/gpu_levers.py --lever keymask`.
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @functools.cache
@@ -122,27 +123,14 @@ def main() -> int:
     """The Triton kernel against SDPA (whatever backend it dispatches to, and cuDNN / flash by name),
     alone, q/k/v as views of one QKV GEMM's output as the qkv pass makes them: us per call (median of 5 rounds of
     200 calls), for each kernel configuration, and the worst error against float64 SDPA on a padded mask."""
+    from gpu_levers import us_per_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
 
-    def us_per_call(call: Callable[[], Any]) -> float:
-        for _ in range(10):
-            call()
-        per = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(200):
-                call()
-            end.record()
-            torch.cuda.synchronize()
-            per.append(start.elapsed_time(end) * 1000 / 200)
-        return statistics.median(per)
-
     configs = [(bm, w, st) for bm in (64, 128) for w in (4, 8) for st in (1, 2)]
     print(f"\nTriton attention kernel against SDPA, bf16, {torch.cuda.get_device_name(0)}: us per call")
-    print(f"{'shape B x H x S x D':22} {'mask':16} {'SDPA':>7} {'cuDNN':>7} {'flash':>7} {'kiln best':>10} {'config':>12} "
+    print(f"{'shape B x H x S x D':22} {'mask':16} {'SDPA':>7} {'cuDNN':>7} {'flash':>7} {'Triton best':>11} {'config':>12} "
           f"{'vs SDPA':>8} {'err':>8}  all configs (block_m/warps/stages: us)")
     for b, h, s, d in ((64, 12, 128, 64), (1, 12, 128, 64), (128, 12, 64, 64), (32, 12, 256, 64), (16, 12, 512, 64),
                        (64, 16, 128, 64), (64, 12, 384, 64)):
@@ -179,7 +167,7 @@ def main() -> int:
                     continue
                 times[(bm, w, st)] = us_per_call(call)
             best = min(times, key=lambda c: times[c])
-            print(f"{f'{b} x {h} x {s} x {d}':22} {mname:16} {base:7.1f} {named[0]} {named[1]} {times[best]:10.1f} "
+            print(f"{f'{b} x {h} x {s} x {d}':22} {mname:16} {base:7.1f} {named[0]} {named[1]} {times[best]:11.1f} "
                   f"{'/'.join(map(str, best)):>12} {base / times[best]:7.2f}x {err:8.4f}  "
                   + " ".join(f"{'/'.join(map(str, c))}:{t:.1f}" for c, t in times.items()), flush=True)
     return 0

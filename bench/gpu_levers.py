@@ -313,6 +313,23 @@ def autotune_rows(bf16: Any, ids: torch.Tensor, ones: torch.Tensor, ref: torch.T
     return rows
 
 
+def us_per_call(call: Callable[[], Any], *, calls: int = 200, rounds: int = 5) -> float:
+    """Microseconds per call of a GPU op: the median of `rounds` rounds of `calls` calls, timed with CUDA events
+    (after 10 warm-up calls)."""
+    for _ in range(10):
+        call()
+    per = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        per.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(per)
+
+
 def sdpa_table() -> None:
     """SDPA alone at BERT-base's shape (64 x 12 heads x 128 x 64, bf16, q/k/v as views of one QKV GEMM's output, as
     the qkv pass makes them): microseconds per call (median of 5 rounds of 200 calls) by backend and mask form."""
@@ -343,18 +360,7 @@ def sdpa_table() -> None:
                     call = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v, attn_mask=mask)
                     out = call()
                     err = float((out.float() - ref).abs().max())
-                    for _ in range(10):
-                        call()
-                    per = []
-                    for _ in range(5):
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        for _ in range(200):
-                            call()
-                        end.record()
-                        torch.cuda.synchronize()
-                        per.append(start.elapsed_time(end) * 1000 / 200)
-                us = statistics.median(per)
+                    us = us_per_call(call)
                 cells.append(f"{us:7.1f} ({flop / us / 1e6:4.0f} TF)" + ("" if err < 0.05 else f" err {err:.2f}"))
             except RuntimeError as e:
                 cells.append("n/a: " + str(e).split("\n")[0][:14])
