@@ -59,9 +59,10 @@ lint: $(STAMP)
 # The suite on two pytest-xdist workers (each file's tests in one worker, every Ray test in the same one:
 # tests/conftest.py), then the optional runtimes' tests (OpenVINO, ExecuTorch, TVM tuning, ONNX import, MindSpore when
 # KILN_MINDSPORE_PYTHON names a python with it) in a process of their own: ExecuTorch's runtime crashed (SIGSEGV) in
-# a process that had run the rest of the suite first, and passes alone.
+# a process that had run the rest of the suite first, and passes alone. A worker that crashes ends the run at once and
+# names its test (--max-worker-restart=0): a replaced worker can hang pytest-xdist's loadgroup scheduler for good.
 test: $(STAMP) browser perf-analyzer lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not runtimes"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0 -m "not runtimes"
 	$(MAKE) --no-print-directory test-runtimes
 
 test-runtimes: $(STAMP)
