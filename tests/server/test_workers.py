@@ -171,15 +171,20 @@ def test_a_supervisor_killed_outright_takes_its_workers_and_engines_with_it(serv
         proc.kill()
         proc.wait(timeout=10)
         deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in children):
+        while any(_alive(pid) for pid in children):
             assert time.monotonic() < deadline, [(pid, _state(pid)) for pid in children]
             time.sleep(0.1)
     finally:
         if proc.poll() is None:
             proc.kill()
         for pid in children:  # what a failure above left behind
-            if _state(pid) not in ("gone", "Z (zombie)"):
+            if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waits only to be reaped)."""
+    return _state(pid) not in ("gone", "Z (zombie)")
 
 
 def _state(pid: int) -> str:
