@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -207,15 +210,26 @@ def test_qkv_makes_one_projection_of_three_and_keeps_padding_masked() -> None:
         notes: list[str] = []
         fused = apply(bert, Recipe("fp32", ("qkv",)), notes)
         assert sum(isinstance(m, FusedQKVAttention) for m in fused.modules()) == 2
-        assert notes == ["qkv: 2 self-attention layer(s) with Q, K and V as one GEMM each"]
+        assert notes == ["qkv: 2 self-attention layer(s) with Q, K and V as one GEMM each",
+                         "qkv: the padding mask handed to the fused layers as [batch, 1, 1, seq]"]
         assert not any(isinstance(m, FusedQKVAttention) for m in bert.modules())
         ids = torch.randint(0, 100, (3, 9))
         mask = torch.ones(3, 9, dtype=torch.int64)
         mask[1, 4:] = 0
         mask[2, 7:] = 0
+        seen: list[tuple[int, ...]] = []
+        layer = next(m for m in fused.modules() if isinstance(m, FusedQKVAttention))
+        layer.register_forward_pre_hook(functools.partial(_record_mask, seen), with_kwargs=True)
+        expanded = mask[:, None, None, :].expand(3, 1, 9, 9).bool()
         with torch.inference_mode():
             want = bert(input_ids=ids, attention_mask=mask).last_hidden_state
             torch.testing.assert_close(fused(input_ids=ids, attention_mask=mask).last_hidden_state, want)
+            assert seen == [(3, 1, 1, 9)]  # cut to one row of keys
+            compiled = torch.compile(fused, backend="eager", fullgraph=True)  # as the compile backend traces it
+            torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).last_hidden_state, want)
+            # a mask the caller expanded already reaches the layers as the encoder makes it from that
+            torch.testing.assert_close(fused(input_ids=ids, attention_mask=expanded).last_hidden_state, want)
+            assert seen[-1] == (3, 1, 9, 9)
     gpu = [r.tag for r in compile_backend.variants(Target(device="cuda:0", halves=("bf16",), gelu_ffn=2,
                                                           self_attention=2))]
     assert "bf16+epilogue+qkv+cudagraphs" in gpu
@@ -223,6 +237,10 @@ def test_qkv_makes_one_projection_of_three_and_keeps_padding_masked() -> None:
     assert [r.tag for r in compile_backend.variants(no_attention) if r.has("epilogue")] == ["bf16+epilogue+cudagraphs"]
     with pytest.raises(KilnError, match="no self-attention layer"):
         apply(zoo.seeded(ConvNet), Recipe("fp32", ("qkv",)))
+
+
+def _record_mask(seen: list[tuple[int, ...]], _: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    seen.append(tuple(kwargs["attention_mask"].shape))
 
 
 class Bottleneck(nn.Module):

@@ -54,11 +54,13 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
         _fused("epilogue", replace_layers(out, is_gelu_ffn, lambda m: LinearGELU(m.dense)),
                "feed-forward Linear + GELU layer", "Linear + GELU layer(s) as one GEMM each", notes)
     if recipe.has("qkv"):
-        from kiln.transforms.qkv import FusedQKVAttention, is_fusable_attention
+        from kiln.transforms.qkv import FusedQKVAttention, is_fusable_attention, key_only_masks
 
         _fused("qkv", replace_layers(out, is_fusable_attention, FusedQKVAttention),
                "self-attention layer with query, key and value projections",
                "self-attention layer(s) with Q, K and V as one GEMM each", notes)
+        if key_only_masks(out) and notes is not None:
+            notes.append("qkv: the padding mask handed to the fused layers as [batch, 1, 1, seq]")
     if recipe.has("convfuse"):
         from kiln.transforms import convfuse
 
