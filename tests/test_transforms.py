@@ -117,15 +117,47 @@ def test_half_precision_keeps_fp32_io_and_casts_inside(precision: str, dtype: to
 
 
 def test_dynamic_int8_weights_are_really_int8() -> None:
-    m = zoo.seeded(zoo.MLP)
-    q = apply(m, Recipe("int8-dynamic"))
-    for layer in (q.net[0], q.net[2]):
-        assert layer.weight.qdata.dtype == torch.int8  # torchao's Int8Tensor: int8 data and a scale per channel
+    m = zoo.seeded(zoo.MLP)  # Linear 16 -> 32, ReLU, Linear 32 -> 5
+    notes: list[str] = []
+    q = apply(m, Recipe("int8-dynamic"), notes)
+    assert q.net[0].weight.qdata.dtype == torch.int8  # torchao's Int8Tensor: int8 data and a scale per channel
+    assert q.net[2].weight.dtype == torch.float32  # 5 outputs: cuBLAS's int8 GEMM takes multiples of 8 only
+    assert notes == ["int8-dynamic: 1 Linear layer(s) in int8, 1 kept in float (in or out features not a multiple "
+                     "of 8, which cuBLAS's int8 GEMM needs)"]
     x = torch.randn(64, 16)
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(q(x).flatten(), m(x).flatten(), dim=0) > 0.99
     with pytest.raises(Skip, match="Linear"):
         apply(nn.Sequential(nn.Conv2d(3, 3, 1)), Recipe("int8-dynamic"))
+    with pytest.raises(Skip, match="multiples of 8.*none of this model's 1"):
+        apply(nn.Sequential(nn.Linear(12, 5)), Recipe("int8-dynamic"))
+
+
+def test_dynamic_int8_pads_a_few_rows_up_to_what_cublas_int8_takes() -> None:
+    from kiln.transforms.torch_int8 import INT8_GEMM_MIN_ROWS, RowPaddedLinear, pad_rows
+
+    m = zoo.seeded(zoo.MLP)
+    q = apply(m, Recipe("int8-dynamic"))
+    assert isinstance(q.net[0], RowPaddedLinear) and q.state_dict().keys() == m.state_dict().keys()
+    seen: list[int] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # records what the int8 GEMM would get
+        seen.append(x.shape[0])
+        return nn.Linear.forward(q.net[0], x)
+
+    with torch.no_grad():
+        for shape in [(3, 16), (2, 5, 16), (INT8_GEMM_MIN_ROWS + 3, 16)]:
+            x = torch.randn(*shape)
+            seen.clear()
+            out = pad_rows(forward, x)
+            assert seen == [max(INT8_GEMM_MIN_ROWS, x.numel() // 16)]
+            assert out.shape == (*shape[:-1], q.net[0].out_features)
+            torch.testing.assert_close(out, q.net[0](x))  # the padding rows change no real row's result
+        compiled = torch.compile(functools.partial(pad_rows, q.net[0].forward, min_rows=INT8_GEMM_MIN_ROWS),
+                                 backend="eager", dynamic=True, fullgraph=True)
+        for rows in (3, 40):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(compiled(x), q.net[0](x))
 
 
 def test_static_int8_program_has_int8_weights_and_calibrated_scales() -> None:

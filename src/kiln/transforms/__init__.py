@@ -77,7 +77,9 @@ def apply(module: nn.Module, recipe: Recipe, notes: list[str] | None = None) -> 
     if recipe.precision == "int8-dynamic":
         from kiln.transforms.torch_int8 import dynamic
 
-        dynamic(out)
+        note = dynamic(out)
+        if notes is not None:
+            notes.append(note)
     elif recipe.precision == "int8-static":
         raise KilnError("int8-static on the torch side needs calibration and export", hint="use the aoti backend")
     channels_last = recipe.has("channels_last")

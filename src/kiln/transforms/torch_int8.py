@@ -42,14 +42,56 @@ def _version() -> str:
     return version("torchao")
 
 
-def dynamic(model: nn.Module) -> None:
-    """int8 weights (per channel) and dynamic per-token int8 activations for every Linear, in place."""
+def dynamic(model: nn.Module) -> str:
+    """int8 weights (per channel) and dynamic per-token int8 activations for every Linear whose in and out features
+    are multiples of 8 (cuBLAS's int8 GEMM takes no others; the rest stay in float), in place. Returns a note."""
     torchao()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
         raise Skip("dynamic int8 quantizes Linear layers; this model has none")
-    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    fit = [m for m in linears if _int8_gemm_fits(m)]
+    if not fit:
+        raise Skip(f"dynamic int8 quantizes Linear layers whose in and out features are multiples of 8 (cuBLAS's int8 "
+                   f"GEMM takes no others); none of this model's {len(linears)} do")
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, _fqn: any(m is f for f in fit))
+    for m in fit:
+        if type(m) is nn.Linear:
+            m.__class__ = RowPaddedLinear  # same parameters and state_dict keys; only forward differs
+    kept = len(linears) - len(fit)
+    return f"int8-dynamic: {len(fit)} Linear layer(s) in int8" + (
+        f", {kept} kept in float (in or out features not a multiple of 8, which cuBLAS's int8 GEMM needs)" if kept else "")
+
+
+def _int8_gemm_fits(m: nn.Linear) -> bool:
+    return m.in_features % 8 == 0 and m.out_features % 8 == 0
+
+
+# cuBLAS's int8 GEMM (torch._int_mm, which torchao's int8 Linear calls on CUDA) refuses 16 rows or fewer: "self.size(0)
+# needs to be greater than 16". A batch of one short sequence, or an MLP at batch <= 16, has that few.
+INT8_GEMM_MIN_ROWS = 17
+
+
+def pad_rows(forward: Any, x: torch.Tensor, min_rows: int = INT8_GEMM_MIN_ROWS) -> torch.Tensor:
+    """`forward(x)` for a Linear, with x's rows (every dim but the last, flattened) padded with zeros up to
+    `min_rows` when there are fewer, and the padding's output rows cut off again. Rows are independent in a Linear
+    (and in per-token activation quantization), so the result is the unpadded one."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows >= min_rows or rows == 0:
+        return forward(x)
+    flat = torch.nn.functional.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, min_rows - rows))
+    y = forward(flat)[:rows]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class RowPaddedLinear(nn.Linear):
+    """An int8-quantized Linear that runs on CUDA at any row count (see INT8_GEMM_MIN_ROWS); elsewhere it is nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return pad_rows(super().forward, x)
+        return super().forward(x)
 
 
 def static(flat: nn.Module, examples: tuple[torch.Tensor, ...], dynamic_shapes: Any,
