@@ -69,7 +69,6 @@ def is_fusable_attention(m: nn.Module) -> bool:
             and not getattr(config, "output_attentions", False))
 
 
-
 def key_only_masks(model: nn.Module) -> int:
     """Make each Hugging Face encoder in `model` whose self-attention layers are all `FusedQKVAttention` pass a 2-D
     `attention_mask` to them as `[batch, 1, 1, seq]` (boolean, True = attend); returns how many encoders. A mask
