@@ -7,6 +7,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,7 +56,8 @@ def dynamic(model: nn.Module) -> str:
     if not fit:
         raise Skip(f"dynamic int8 quantizes Linear layers whose in and out features are multiples of 8 (cuBLAS's int8 "
                    f"GEMM takes no others); none of this model's {len(linears)} do")
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, _fqn: any(m is f for f in fit))
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(),
+              filter_fn=lambda m, _fqn: isinstance(m, nn.Linear) and _int8_gemm_fits(m))
     for m in fit:
         if type(m) is nn.Linear:
             m.__class__ = RowPaddedLinear  # same parameters and state_dict keys; only forward differs
@@ -73,7 +75,8 @@ def _int8_gemm_fits(m: nn.Linear) -> bool:
 INT8_GEMM_MIN_ROWS = 17
 
 
-def pad_rows(forward: Any, x: torch.Tensor, min_rows: int = INT8_GEMM_MIN_ROWS) -> torch.Tensor:
+def pad_rows(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             min_rows: int = INT8_GEMM_MIN_ROWS) -> torch.Tensor:
     """`forward(x)` for a Linear, with x's rows (every dim but the last, flattened) padded with zeros up to
     `min_rows` when there are fewer, and the padding's output rows cut off again. Rows are independent in a Linear
     (and in per-token activation quantization), so the result is the unpadded one."""
